@@ -1,0 +1,278 @@
+"""Run configuration: typed dataclasses, loaded from YAML, overridden by `key.sub=value` arguments.
+
+Everything is validated before any work starts: an unknown key, a value of the wrong type or a value
+outside its allowed set raises ConfigError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = field(default="swin_tiny", metadata=_choices(
+        "swin_nano", "swin_tiny", "swin_small", "swin_base", "swin_large"))
+    # None: take the value of the `arch` preset (see esvit_scale.models.swin.ARCHS).
+    embed_dim: Optional[int] = None
+    depths: Optional[list[int]] = None
+    num_heads: Optional[list[int]] = None
+    drop_path_rate: Optional[float] = None
+    window_size: int = 7
+    patch_size: int = 4
+    out_dim: int = 65536               # K, prototypes of both heads
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    norm_last_layer: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class KernelConfig:
+    window_attention: bool = True      # fused window attention op in the backbone
+    region_matching: bool = True       # fused argmax + matched cross-entropy in the region loss
+    force_reference: bool = False      # use the pure-PyTorch reference of each op
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None         # image folder; None: generate the quickstart folder
+    loader: str = field(default="auto", metadata=_choices("auto", "dali", "torch"))
+    batch_size_per_gpu: int = 32
+    num_workers: int = 8
+    global_crops_size: int = 224
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops_size: list[int] = field(default_factory=lambda: [96])
+    local_crops_number: list[int] = field(default_factory=lambda: [8])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+
+
+@dataclass
+class LossConfig:
+    region_loss: bool = True
+    pair_factor: float = 0.5           # each (teacher, student) pair adds pair_factor * (L_V + L_R)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 300
+    base_lr: float = 5e-4              # for a global batch of 256, scaled linearly
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0             # global gradient norm; 0 disables
+    freeze_last_layer: int = 1         # epochs during which the heads' last layers are not updated
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
+    precision: str = field(default="bf16", metadata=_choices("fp32", "fp16", "bf16"))
+    grad_accum_steps: int = 1
+    # If set, the global batch the hyper-parameters were tuned for; grad_accum_steps is then derived
+    # as global_batch_size / (batch_size_per_gpu * world_size), which must divide exactly.
+    global_batch_size: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/esvit"
+    seed: int = 0
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    max_steps: int = 0                 # >0: stop after this many optimizer steps in total
+    checkpoint_every_steps: int = 0    # 0: at the end of every epoch only
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    knn_at_end: bool = False           # run k-NN of the teacher backbone when training ends
+    train_path: Optional[str] = None   # labelled folders for k-NN; None with data.path None: quickstart's
+    val_path: Optional[str] = None
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    image_size: int = 224              # centre crop fed to the backbone
+    resize_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def num_local_crops(self) -> int:
+        return sum(self.data.local_crops_number)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Config from a YAML file (or the defaults) with `a.b=value` overrides applied, validated."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' (allowed in {prefix.rstrip('.') or 'the top level'}: "
+                f"{', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, raw[name] or {}, key + ".")
+        else:
+            value = _coerce(raw[name], typ, key)
+            allowed = f.metadata.get("choices")
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not allowed (choose one of: "
+                                  f"{', '.join(map(str, allowed))})")
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ, key: str):
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union:                       # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {what}")
+
+    m, d, l, o, ds, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.deepspeed, cfg.run
+    if m.depths is not None and m.num_heads is not None:
+        need(len(m.depths) == len(m.num_heads), "model.num_heads", "must have one entry per stage of model.depths")
+    for key, v in [("model.window_size", m.window_size), ("model.patch_size", m.patch_size),
+                   ("model.out_dim", m.out_dim), ("model.head_hidden_dim", m.head_hidden_dim),
+                   ("model.head_bottleneck_dim", m.head_bottleneck_dim),
+                   ("data.batch_size_per_gpu", d.batch_size_per_gpu), ("data.global_crops_size", d.global_crops_size),
+                   ("optim.epochs", o.epochs), ("deepspeed.grad_accum_steps", ds.grad_accum_steps),
+                   ("run.keep_checkpoints", r.keep_checkpoints), ("run.log_every_steps", r.log_every_steps)]:
+        need(v >= 1, key, f"must be >= 1, got {v}")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(len(d.local_crops_size) == len(d.local_crops_number), "data.local_crops_number",
+         "must have one entry per size in data.local_crops_size")
+    need(all(n >= 0 for n in d.local_crops_number), "data.local_crops_number", "counts must be >= 0")
+    need(all(s >= 1 for s in d.local_crops_size), "data.local_crops_size", "sizes must be >= 1")
+    for key, s in [("data.global_crops_scale", d.global_crops_scale), ("data.local_crops_scale", d.local_crops_scale)]:
+        need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, key, f"must be [min, max] with 0 < min <= max <= 1, got {s}")
+    need(l.student_temp > 0 and l.teacher_temp > 0 and l.warmup_teacher_temp > 0, "loss.teacher_temp",
+         "temperatures must be > 0")
+    need(0 <= l.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+    need(l.pair_factor > 0, "loss.pair_factor", "must be > 0")
+    need(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher", "must be in [0, 1]")
+    need(o.base_lr > 0 and o.min_lr >= 0, "optim.base_lr", "learning rates must be positive")
+    need(o.warmup_epochs >= 0 and o.freeze_last_layer >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size", "must be >= 1")
+    need(r.max_steps >= 0 and r.checkpoint_every_steps >= 0, "run.max_steps", "must be >= 0")
+    need(all(k >= 1 for k in cfg.eval.knn_k) and cfg.eval.knn_k, "eval.knn_k", "must be a list of k >= 1")

@@ -1,0 +1,52 @@
+"""What a multi-crop batch is, shared by every loader (torch/PIL and DALI).
+
+A loader yields, for each step, a list of crop tensors in this order:
+    [global_0, global_1, local crops of local_crops_size[0] ..., local crops of local_crops_size[1] ...]
+each (B, 3, S, S) float32, normalised with the ImageNet mean/std. The teacher sees the first two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+
+from esvit_scale.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FLIP_PROB = 0.5
+JITTER_PROB = 0.8
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+GRAYSCALE_PROB = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+SOLARIZE_THRESHOLD = 128
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    size: int
+    scale: tuple[float, float]
+    blur_prob: float
+    solarize_prob: float
+
+
+def crop_specs(data: DataConfig) -> list[CropSpec]:
+    """The per-crop augmentation of the reference: 2 global crops, then the local crops by size group."""
+    g = data.global_crops_size
+    specs = [CropSpec(g, tuple(data.global_crops_scale), blur_prob=1.0, solarize_prob=0.0),
+             CropSpec(g, tuple(data.global_crops_scale), blur_prob=0.1, solarize_prob=0.2)]
+    for size, number in zip(data.local_crops_size, data.local_crops_number):
+        specs += [CropSpec(size, tuple(data.local_crops_scale), blur_prob=0.5, solarize_prob=0.0)] * number
+    return specs
+
+
+class MultiCropLoader(Protocol):
+    """The interface the training loop reads; `epoch(e, start_batch)` resumes mid-epoch exactly."""
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
+        """This rank's batches of `epoch`, from batch `start_batch` on."""

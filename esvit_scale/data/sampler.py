@@ -1,0 +1,45 @@
+"""Which samples each rank reads, batch by batch: the same answer on every rank, worker and restart."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+
+class ShardedOrder:
+    """A seeded permutation per epoch, cut to whole global batches (drop-last), dealt to the ranks.
+
+    Rank r takes every world_size-th sample of the permutation, so the ranks are disjoint and together
+    read every kept sample once per epoch. Batch b of an epoch is the same whoever asks and whenever,
+    which is what makes a mid-epoch resume exact.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_batches = num_samples // (batch_size * world_size)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{num_samples} images are fewer than one global batch "
+                f"({batch_size} per rank x {world_size} ranks): lower data.batch_size_per_gpu or add images")
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in reading order (num_batches * batch_size of them)."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        kept = perm[: self.num_batches * self.batch_size * self.world_size]
+        return kept[self.rank:: self.world_size]
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
+        idx = self.indices(epoch)
+        for b in range(start_batch, self.num_batches):
+            yield idx[b * self.batch_size: (b + 1) * self.batch_size]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch, independent of rank, worker and batch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])

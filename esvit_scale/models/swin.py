@@ -1,0 +1,48 @@
+"""Swin backbone (timm) returning the view feature and the region tokens for any crop size."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.swin_transformer import SwinTransformer
+from torch import nn
+
+from esvit_scale.config import ModelConfig
+
+# Named presets; `model.embed_dim/depths/num_heads/drop_path_rate` override them when set.
+ARCHS = {
+    "swin_nano": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0),
+    "swin_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.1),
+    "swin_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
+    "swin_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.2),
+    "swin_large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
+}
+
+
+def resolve_arch(cfg: ModelConfig) -> dict:
+    arch = dict(ARCHS[cfg.arch])
+    for key in arch:
+        if getattr(cfg, key) is not None:
+            arch[key] = getattr(cfg, key)
+    return arch
+
+
+class SwinBackbone(nn.Module):
+    """x (B, 3, S, S) -> view (B, C), region (B, L, C); L = (S / patch / 8)^2 rounded up per stage."""
+
+    def __init__(self, cfg: ModelConfig, img_size: int, drop_path_rate: float | None = None):
+        super().__init__()
+        arch = resolve_arch(cfg)
+        self.swin = SwinTransformer(
+            img_size=img_size, patch_size=cfg.patch_size, embed_dim=arch["embed_dim"],
+            depths=tuple(arch["depths"]), num_heads=tuple(arch["num_heads"]), window_size=cfg.window_size,
+            drop_path_rate=arch["drop_path_rate"] if drop_path_rate is None else drop_path_rate,
+            num_classes=0, strict_img_size=False, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.num_features = self.swin.num_features
+        if cfg.activation_checkpointing:
+            self.swin.set_grad_checkpointing(True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.swin.forward_features(x)          # (B, H, W, C) after the final LayerNorm
+        region = tokens.flatten(1, 2)                    # (B, L, C)
+        return region.mean(dim=1), region
