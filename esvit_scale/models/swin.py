@@ -7,7 +7,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from esvit_scale.config import ModelConfig
+from esvit_scale.config import KernelConfig, ModelConfig
 
 # Named presets; `model.embed_dim/depths/num_heads/drop_path_rate` override them when set.
 ARCHS = {
@@ -30,7 +30,8 @@ def resolve_arch(cfg: ModelConfig) -> dict:
 class SwinBackbone(nn.Module):
     """x (B, 3, S, S) -> view (B, C), region (B, L, C); L = (S / patch / 8)^2 rounded up per stage."""
 
-    def __init__(self, cfg: ModelConfig, img_size: int, drop_path_rate: float | None = None):
+    def __init__(self, cfg: ModelConfig, img_size: int, drop_path_rate: float | None = None,
+                 kernels: KernelConfig | None = None):
         super().__init__()
         arch = resolve_arch(cfg)
         self.swin = SwinTransformer(
