@@ -104,6 +104,10 @@ class RunConfig:
     checkpoint_every_steps: int = 0    # 0: at the end of every epoch only
     keep_checkpoints: int = 2
     log_every_steps: int = 10
+    # A checkpoint folder (<output_dir>/checkpoints/<tag>) to initialise from when output_dir has none:
+    # weights, centres and position are taken, heads missing there (the region head of a view-only run)
+    # start fresh, and the optimizer starts anew. The paper's W=14 / Swin-B recipe: view-only, then +region.
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""The student under DeepSpeed: the one place where our config becomes a DeepSpeed config."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from esvit_scale.config import Config
+from esvit_scale.models.esvit import last_layer_parameter_names
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    ds, micro = cfg.deepspeed, cfg.data.batch_size_per_gpu
+    if ds.global_batch_size is None:
+        return ds.grad_accum_steps
+    per_step = micro * world_size
+    if ds.global_batch_size % per_step:
+        raise ValueError(f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
+                         f"data.batch_size_per_gpu x world size = {micro} x {world_size}")
+    return ds.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    micro, accum = cfg.data.batch_size_per_gpu, accumulation_steps(cfg, world_size)
+    precision = cfg.deepspeed.precision
+    zero: dict = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        # keep partitioned parameters partitioned between forward passes (several per step: one per crop size)
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """Four groups: (decayed or not) x (last layer or not). Biases and 1-D parameters get no weight decay;
+    the heads' last layers are told apart so that they can be frozen in the first epoch(s)."""
+    last = last_layer_parameter_names(model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (name.endswith(".bias") or p.ndim <= 1 or name.endswith("weight_g"))
+        groups.setdefault((decay, name in last), []).append(p)
+    return [{"params": ps, "apply_weight_decay": decay, "is_last_layer": is_last, "weight_decay": 0.0}
+            for (decay, is_last), ps in sorted(groups.items())]
+
+
+def build_student_engine(cfg: Config, model: nn.Module, world_size: int):
+    import deepspeed
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=tuple(cfg.optim.betas))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world_size))
+    return engine, optimizer
+
+
+def set_optimizer_hyperparameters(optimizer, lr: float, weight_decay: float, freeze_last_layer: bool) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0 if (freeze_last_layer and group["is_last_layer"]) else lr
+        group["weight_decay"] = weight_decay if group["apply_weight_decay"] else 0.0

@@ -1,0 +1,76 @@
+"""The EsViT loss: view-level DINO term + region-matching term over every (teacher global, student crop) pair.
+
+For teacher global crop g in {0, 1} and every student crop v != g (18 pairs with 2 + 8 crops):
+    L_V = sum_k -P_t_view[g, k] * log_softmax(z_s_view[v] / tau_s)[k]
+    L_R = mean_i sum_k -P_t_region[g, j*(i), k] * log_softmax(z_s_region[v, i] / tau_s)[k],
+          j*(i) = argmax_j cos(f_s[v, i], f_t[g, j])   (backbone features, no gradient)
+    pair loss = pair_factor * (L_V + L_R)      (pair_factor 0.5 as in the official code)
+Total = mean over pairs and images. Teacher outputs are centred (separate view and region centres) and
+sharpened by the teacher temperature; the centres follow an EMA of the batch mean, all-reduced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from esvit_scale.config import LossConfig
+from esvit_scale.models.esvit import MultiCropOutput
+from esvit_scale.ops import region_matching
+
+
+class EsViTLoss(nn.Module):
+    def __init__(self, cfg: LossConfig, out_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("view_center", torch.zeros(1, out_dim))
+        self.register_buffer("region_center", torch.zeros(1, out_dim))
+
+    def forward(self, student: MultiCropOutput, teacher: MultiCropOutput, teacher_temp: float
+                ) -> dict[str, torch.Tensor]:
+        tau_s = self.cfg.student_temp
+        t_view = [F.softmax((z.float() - self.view_center) / teacher_temp, dim=-1).detach()
+                  for z in teacher.view_logits]                                     # 2 x (B, K)
+        s_view = [F.log_softmax(z.float() / tau_s, dim=-1) for z in student.view_logits]
+        use_region = self.cfg.region_loss
+        if use_region:
+            t_region = [F.softmax((z.float() - self.region_center) / teacher_temp, dim=-1).detach()
+                        for z in teacher.region_logits]                             # 2 x (B, Lt, K)
+
+        view_total = region_total = 0.0
+        n_pairs = 0
+        for g in range(len(t_view)):
+            for v in range(len(s_view)):
+                if v == g:
+                    continue
+                view_total = view_total + (-t_view[g] * s_view[v]).sum(dim=-1).mean()
+                if use_region:
+                    match = region_matching.region_argmax(student.region_features[v].detach(),
+                                                          teacher.region_features[g].detach())
+                    region_total = region_total + region_matching.matched_soft_cross_entropy(
+                        student.region_logits[v], t_region[g], match, tau_s).mean()
+                n_pairs += 1
+        view_loss = view_total / n_pairs
+        region_loss = region_total / n_pairs if use_region else torch.zeros_like(view_loss)
+        self.update_centers(teacher)
+        return {"loss": self.cfg.pair_factor * (view_loss + region_loss),
+                "view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
+
+    @torch.no_grad()
+    def update_centers(self, teacher: MultiCropOutput) -> None:
+        m = self.cfg.center_momentum
+        self.view_center.mul_(m).add_(_global_mean(torch.cat(teacher.view_logits)), alpha=1 - m)
+        if self.cfg.region_loss:
+            tokens = torch.cat([z.flatten(0, 1) for z in teacher.region_logits])  # (2 B Lt, K)
+            self.region_center.mul_(m).add_(_global_mean(tokens), alpha=1 - m)
+
+
+def _global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows of x on every rank: (1, K)."""
+    total = x.float().sum(dim=0, keepdim=True)
+    count = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    return total / count

@@ -1,0 +1,55 @@
+"""Training output on rank 0: TensorBoard scalars, a JSON-lines file, and progress on the console
+(a progress bar on a terminal, plain periodic lines otherwise, e.g. in a SLURM log)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("esvit_scale")
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, log_every: int):
+        self.enabled, self.log_every, self.total_steps = enabled, log_every, total_steps
+        self.writer = self.jsonl = self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        out = Path(output_dir)
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        self._last_time = time.time()
+
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars.get('images_per_s', 0):.1f}")
+            self.bar.refresh()
+        elif step % self.log_every == 0 or step == self.total_steps:
+            log.info("step %d/%d  epoch %d  loss %.4f (view %.4f, region %.4f)  lr %.2e  %.1f images/s",
+                     step, self.total_steps, scalars["epoch"], scalars["loss"], scalars["view_loss"],
+                     scalars["region_loss"], scalars["lr"], scalars.get("images_per_s", 0.0))
+
+    def scalar(self, key: str, value: float, step: int) -> None:
+        if self.enabled:
+            self.writer.add_scalar(key, value, step)
+            self.jsonl.write(json.dumps({"step": step, key: value}) + "\n")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.jsonl.close()

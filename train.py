@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""EsViT pretraining on DeepSpeed.
+
+  python train.py --config configs/quickstart.yaml                  # the CPU quickstart (generates its data)
+  python train.py --config configs/swin_tiny.yaml data.path=/data/imagenet/train run.output_dir=runs/t
+  torchrun --nproc_per_node 8 train.py --config configs/swin_tiny.yaml data.path=... deepspeed.zero_stage=2
+
+Configs: YAML files of sections (model, kernels, data, loss, optim, deepspeed, run, eval); every key has a
+default (see esvit_scale/config.py). Overrides: any number of `section.key=value` arguments after the
+options, values in YAML syntax (e.g. data.local_crops_size=[96,64] loss.region_loss=false). An unknown key
+or a bad value stops the run before any work, naming the key and what is allowed.
+
+Launching: one process needs no launcher (CPU or one GPU). For several processes use
+`torchrun --nproc_per_node N [--nnodes M ...] train.py ...` (gloo on CPU, NCCL on GPU) or `srun` (the
+SLURM rank variables are read). DeepSpeed's own launcher works too.
+
+Resume: a run resumes by itself from the newest complete checkpoint in run.output_dir/checkpoints
+(student, optimizer, teacher, centres, epoch, step, position in the epoch, RNG), so re-running the same
+command continues it. SIGTERM or SIGUSR1 makes it save at the next step and exit with code 75.
+run.init_from=<checkpoint folder> starts a new run from another run's weights (e.g. a view-only run
+continued with loss.region_loss=true, the paper's W=14 recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from esvit_scale.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    from esvit_scale.trainer import EXIT_PREEMPTED, train
+    summary = train(cfg)
+    return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
