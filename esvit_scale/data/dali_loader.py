@@ -1,0 +1,195 @@
+"""The NVIDIA DALI multi-crop loader (data.multicrop.MultiCropLoader).
+
+Python reads each batch's files (the order from ShardedOrder: sharding, drop-last and resume as the torch
+loader), checks them (image_check), draws every crop's random parameters (dali_params, seeded per sample and
+epoch as the reference), and feeds bytes + parameters to the DALI graph (dali_pipeline) through an
+external source. DALI decodes each image once and makes all its crops on `data.num_workers` threads; on a GPU
+(device_id set) it decodes with device="mixed" and augments on the GPU, and the batch is copied device to
+device into torch CUDA tensors (no host copy).
+
+Bad input (docs/data.md): an unusable file is logged once by name, remembered, and replaced in its batch
+by the next usable image in index order (the torch loader's rule), keeping the sample's augmentation seed.
+A decode error inside DALI (a corrupt JPEG body) is traced to its file(s) with a probe decode of the
+in-flight samples; the pipeline is rebuilt and the epoch goes on at the batch that failed.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from esvit_scale.config import DataConfig
+from esvit_scale.data import dali_params
+from esvit_scale.data.folder import ImageIndex
+from esvit_scale.data.image_check import Encoded, UnusableImage, check_image, probe_decode, read_encoded
+from esvit_scale.data.multicrop import crop_specs
+from esvit_scale.data.sampler import ShardedOrder, sample_seed
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 2
+
+
+@dataclass
+class BatchRecord:
+    """What was fed for one batch (kept for error recovery and as a test/debug hook)."""
+    batch: int                   # batch number within the epoch
+    requested: np.ndarray        # sample indices from the order
+    used: list[int]              # indices actually decoded (differs where a file was replaced)
+    sizes: list[tuple[int, int]]  # (width, height) of each decoded image
+    params: list[np.ndarray]     # (num_crops, dali_params.NUM_PARAMS) per sample
+    data: list[np.ndarray]       # encoded bytes per sample
+
+
+class DaliMultiCropLoader:
+    def __init__(self, index: ImageIndex, data: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device_id: int | None = None, num_threads: int | None = None):
+        self.index, self.paths, self.seed = index, index.paths, seed
+        self.specs = crop_specs(data)
+        self.order = ShardedOrder(len(index), data.batch_size_per_gpu, rank, world_size, seed)
+        self.batch_size = data.batch_size_per_gpu
+        self.device_id = device_id
+        self.num_threads = max(1, num_threads if num_threads is not None else data.num_workers)
+        self.unusable: dict[int, str] = {}          # index -> reason, found while reading
+        self.last_batch: BatchRecord | None = None  # the batch most recently yielded
+        self._check_folder()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    # ---- bad input -------------------------------------------------------------------------------------
+    def _check_folder(self) -> None:
+        """Fail now, with the folder's name, if no file of it decodes; otherwise cost one decode."""
+        reasons = []
+        for i, path in enumerate(self.paths):
+            try:
+                check_image(path, self.device_id)
+                return
+            except UnusableImage as e:
+                self._mark_unusable(i, str(e))
+                reasons.append(f"{Path(path).name}: {e}")
+        raise RuntimeError(f"no usable image in {self.index.root}: all {len(self.paths)} image files are "
+                           f"unusable ({'; '.join(reasons[:5])}{' ...' if len(reasons) > 5 else ''})")
+
+    def _mark_unusable(self, i: int, reason: str) -> None:
+        if i not in self.unusable:
+            self.unusable[i] = reason
+            log.warning("skipping unusable image %s: %s (%d skipped so far)", self.paths[i], reason,
+                        len(self.unusable))
+
+    def skipped_files(self) -> list[str]:
+        """Every file left out so far: non-image names from the index, then unusable images."""
+        return list(self.index.skipped) + [self.paths[i] for i in sorted(self.unusable)]
+
+    def _read(self, i: int) -> tuple[int, Encoded]:
+        """Image i, or the next usable one in index order (wrapping)."""
+        n = len(self.paths)
+        for k in range(n):
+            j = (i + k) % n
+            if j in self.unusable:
+                continue
+            try:
+                return j, read_encoded(self.paths[j])
+            except UnusableImage as e:
+                self._mark_unusable(j, str(e))
+        raise RuntimeError(f"no usable image left in {self.index.root} ({len(self.unusable)} unusable)")
+
+    # ---- feeding --------------------------------------------------------------------------------------
+    def _record(self, epoch: int, batch: int, requested: np.ndarray) -> BatchRecord:
+        used, sizes, params, data = [], [], [], []
+        for i in requested:
+            j, enc = self._read(int(i))
+            used.append(j)
+            sizes.append((enc.width, enc.height))
+            params.append(dali_params.draw_sample(enc.width, enc.height, self.specs,
+                                                  sample_seed(self.seed, epoch, int(i))))
+            data.append(enc.data)
+        return BatchRecord(batch, requested, used, sizes, params, data)
+
+    def _source(self, epoch: int, start_batch: int, fed: deque):
+        batches = enumerate(self.order.batches(epoch, start_batch), start=start_batch)
+
+        def next_batch():
+            b, requested = next(batches)       # StopIteration ends the epoch for DALI
+            rec = self._record(epoch, b, requested)
+            fed.append(rec)
+            taps = [[dali_params.blur_taps(p[c, dali_params.SIGMA] if p[c, dali_params.BLUR] else 0.0)
+                     for p in rec.params] for c in range(len(self.specs))]
+            return (rec.data, rec.params, *taps)
+        return next_batch
+
+    def _build(self, epoch: int, start_batch: int, fed: deque):
+        from esvit_scale.data.dali_pipeline import multicrop_pipeline
+        pipe = multicrop_pipeline(specs=self.specs, gpu=self.device_id is not None,
+                                  source=self._source(epoch, start_batch, fed),
+                                  batch_size=self.batch_size, num_threads=self.num_threads,
+                                  device_id=self.device_id, prefetch_queue_depth=PREFETCH,
+                                  seed=self.seed, exec_async=True, exec_pipelined=True)
+        pipe.build()
+        return pipe
+
+    # ---- output ---------------------------------------------------------------------------------------
+    def _to_torch(self, outputs) -> list[torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        crops = []
+        stream = None
+        if self.device_id is not None:
+            stream = torch.cuda.current_stream(self.device_id)
+        for out in outputs:
+            t = out.as_tensor()
+            dest = torch.empty(t.shape(), dtype=torch.float32,
+                               device="cpu" if self.device_id is None else f"cuda:{self.device_id}")
+            feed_ndarray(t, dest, cuda_stream=stream)
+            crops.append(dest)
+        return crops
+
+    def _isolate(self, fed: deque) -> int:
+        """After a DALI error: probe-decode the in-flight samples, mark the failures; how many failed."""
+        found = 0
+        for rec in fed:
+            for j, data in zip(rec.used, rec.data):
+                if j in self.unusable:
+                    continue
+                err = probe_decode(data, self.device_id)
+                if err is not None:
+                    self._mark_unusable(j, f"decode failed: {err}")
+                    found += 1
+        return found
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
+        return self._epoch(epoch, start_batch)
+
+    def _epoch(self, epoch: int, start_batch: int) -> Iterator[list[torch.Tensor]]:
+        b = start_batch
+        while b < len(self.order):
+            fed: deque = deque()
+            pipe = self._build(epoch, b, fed)
+            try:
+                while b < len(self.order):
+                    try:
+                        outputs = pipe.run()
+                    except StopIteration:
+                        return
+                    except RuntimeError as e:
+                        if not self._isolate(fed):
+                            raise
+                        log.warning("DALI error in batch %d of epoch %d (%s); rebuilding the pipeline",
+                                    b, epoch, str(e).strip().splitlines()[-1][:200])
+                        break
+                    rec = fed.popleft()
+                    assert rec.batch == b, (rec.batch, b)
+                    crops = self._to_torch(outputs)
+                    self.last_batch = rec
+                    b += 1
+                    yield crops
+            finally:
+                del pipe
+        if self.unusable:
+            names = [Path(self.paths[i]).name for i in sorted(self.unusable)]
+            log.warning("epoch %d: %d unusable images skipped so far: %s", epoch, len(names),
+                        ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
