@@ -101,6 +101,7 @@ class RunConfig:
     seed: int = 0
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     max_steps: int = 0                 # >0: stop after this many optimizer steps in total
+    stop_epoch: int = 0                # >0: stop when this many epochs are done (schedules still span optim.epochs)
     checkpoint_every_steps: int = 0    # 0: at the end of every epoch only
     keep_checkpoints: int = 2
     log_every_steps: int = 10
@@ -235,6 +236,11 @@ def _coerce(value: Any, typ, key: str):
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):          # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
@@ -279,4 +285,5 @@ def validate(cfg: Config) -> None:
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
     need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size", "must be >= 1")
     need(r.max_steps >= 0 and r.checkpoint_every_steps >= 0, "run.max_steps", "must be >= 0")
+    need(0 <= r.stop_epoch <= o.epochs, "run.stop_epoch", f"must be in [0, optim.epochs={o.epochs}]")
     need(all(k >= 1 for k in cfg.eval.knn_k) and cfg.eval.knn_k, "eval.knn_k", "must be a list of k >= 1")

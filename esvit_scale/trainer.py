@@ -121,16 +121,16 @@ class Trainer:
         if resume is None and not cfg.run.init_from:
             self.teacher.copy_from_student()
         self.loss_fn.to(self.dist.device)
+        torch.manual_seed(cfg.run.seed + 1000 * self.dist.rank)      # drop-path draws differ per rank
         if resume is not None:
             log.info("resuming from %s", resume)
             client = ckpt.load_checkpoint(resume, self.engine, self.teacher)
             self.state = TrainState(**client["train_state"])
             self.loss_fn.load_state_dict(client["loss"])
-        torch.manual_seed(cfg.run.seed + 1000 * self.dist.rank + self.state.step)  # drop-path differs per rank
 
         self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled() else
                             torch.float16 if self.engine.fp16_enabled() else torch.float32)
-        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.total_steps = (cfg.run.stop_epoch or cfg.optim.epochs) * self.steps_per_epoch
         if cfg.run.max_steps:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
 

@@ -69,5 +69,6 @@ class TorchMultiCropLoader:
             return iter(())
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None)
+                            prefetch_factor=4 if self.num_workers else None,
+                            generator=torch.Generator())   # leaves the global RNG (drop-path) untouched
         return iter(loader)
