@@ -3,8 +3,51 @@ from setuptools import find_packages, setup
 
 
 def kernel_extensions():
-    """The C++/CUDA extensions of kernels/ (filled in by the kernels build; none yet)."""
-    return [], {}
+    """One extension module, esvit_scale._C, from kernels/csrc (see kernels/README.md).
+
+    A CUDAExtension when nvcc and a CUDA build of torch are present, else a CppExtension (CPU kernels only).
+    ESVIT_CPU_ONLY_BUILD=1 forces the CppExtension (fast rebuilds while working on the CPU code);
+    ESVIT_NO_AVX2=1 drops -mavx2 -mfma on x86_64 (for CPUs older than Haswell).
+    """
+    import glob
+    import os
+    import platform
+    import shutil
+
+    try:  # torch is imported lazily so that `setup.py --help` works without it
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return [], {}
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join("kernels", "csrc")
+    cpp_sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join(csrc, "*.cu")))
+    cxx_flags = ["-O3", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ESVIT_NO_AVX2") != "1":
+        cxx_flags += ["-mavx2", "-mfma"]
+    include_dirs = [os.path.join(root, csrc)]
+    with_cuda = (os.environ.get("ESVIT_CPU_ONLY_BUILD") != "1" and torch.version.cuda is not None
+                 and (cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None))
+    if not with_cuda:
+        ext = cpp_extension.CppExtension(
+            "esvit_scale._C", cpp_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect at build time
+    try:  # the toolkit here lacks some library headers (cusparse.h ...); torch's nvidia wheels carry them
+        import nvidia
+        include_dirs += [p for p in (os.path.join(d, "cu13", "include") for d in nvidia.__path__) if os.path.isdir(p)]
+    except ImportError:
+        pass
+    ext = cpp_extension.CUDAExtension(
+        "esvit_scale._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+        define_macros=[("ESVIT_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = kernel_extensions()

@@ -1,0 +1,177 @@
+// Region matching of the EsViT region loss on the CPU (OpenMP over rows).
+//   region_argmax: the best teacher token per student token by cosine similarity, one student row at a time
+//     (the similarity matrix is never formed).
+//   matched_ce: per student token, soft cross-entropy against the teacher row at the matched index, read in
+//     place (the gathered (N, Ls, K) target is never formed). Forward keeps lse and sum(p_t) per row;
+//     backward: dL/ds_k = g / T * (softmax(s / T)_k * sum(p_t) - p_t[k]).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_math.h"
+#include "ops.h"
+
+namespace esvit {
+
+void check_region_argmax(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK(student.dim() == 3 && teacher.dim() == 3, "region_argmax: expected (N, Ls, C) and (N, Lt, C), got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2),
+              "region_argmax: batch and channels must match, got ", student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(teacher.size(1) > 0, "region_argmax: the teacher has no tokens");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() && student.device() == teacher.device(),
+              "region_argmax: student and teacher must share dtype and device");
+}
+
+void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index) {
+  TORCH_CHECK(logits.dim() == 3 && probs.dim() == 3 && index.dim() == 2,
+              "matched_soft_cross_entropy: expected logits (N, Ls, K), probs (N, Lt, K), index (N, Ls), got ",
+              logits.sizes(), ", ", probs.sizes(), ", ", index.sizes());
+  TORCH_CHECK(logits.size(0) == probs.size(0) && logits.size(2) == probs.size(2) &&
+                  index.size(0) == logits.size(0) && index.size(1) == logits.size(1),
+              "matched_soft_cross_entropy: shapes do not agree: ", logits.sizes(), ", ", probs.sizes(), ", ",
+              index.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong, "matched_soft_cross_entropy: index must be int64");
+  TORCH_CHECK(logits.device() == probs.device() && index.device() == logits.device(),
+              "matched_soft_cross_entropy: all tensors must be on one device");
+}
+
+namespace {
+
+template <typename scalar_t>
+void argmax_impl(const at::Tensor& student, const at::Tensor& teacher, at::Tensor& index) {
+  const int64_t N = student.size(0), Ls = student.size(1), Lt = teacher.size(1), C = student.size(2);
+  const scalar_t *s_p = student.data_ptr<scalar_t>(), *t_p = teacher.data_ptr<scalar_t>();
+  int64_t* idx = index.data_ptr<int64_t>();
+  // 1 / max(|t_j|, eps) like F.normalize; |s_i| > 0 does not change the argmax.
+  std::vector<scalar_t> inv_norm(N * Lt);
+  at::parallel_for(0, N * Lt, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* t = t_p + r * C;
+      scalar_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < C; ++c) ss += t[c] * t[c];
+      inv_norm[r] = scalar_t(1) / std::max(std::sqrt(ss), scalar_t(1e-12));
+    }
+  });
+  at::parallel_for(0, N * Ls, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / Ls;
+      const scalar_t* s = s_p + r * C;
+      scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+      int64_t best_j = 0;
+      for (int64_t j = 0; j < Lt; ++j) {
+        const scalar_t* t = t_p + (n * Lt + j) * C;
+        scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) dot += s[c] * t[c];
+        const scalar_t sim = dot * inv_norm[n * Lt + j];
+        if (sim > best) best = sim, best_j = j;  // first maximum wins, like torch.argmax
+      }
+      idx[r] = best_j;
+    }
+  });
+}
+
+template <typename scalar_t>
+void ce_forward_impl(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index, double temp,
+                     at::Tensor& rows, at::Tensor& lse, at::Tensor& tsum) {
+  const int64_t N = logits.size(0), Ls = logits.size(1), Lt = probs.size(1), K = logits.size(2);
+  const scalar_t *s_p = logits.data_ptr<scalar_t>(), *t_p = probs.data_ptr<scalar_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  scalar_t *rows_p = rows.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>(), *ts_p = tsum.data_ptr<scalar_t>();
+  const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temp);
+  at::parallel_for(0, N * Ls, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* s = s_p + r * K;
+      const scalar_t* t = t_p + ((r / Ls) * Lt + idx[r]) * K;
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t k = 0; k < K; ++k) m = std::max(m, s[k]);
+      const scalar_t ms = m * inv_t;
+      scalar_t se = 0, st = 0, sts = 0;
+#pragma omp simd reduction(+ : se, st, sts)
+      for (int64_t k = 0; k < K; ++k) {
+        se += exp_vec(s[k] * inv_t - ms);
+        st += t[k];
+        sts += t[k] * s[k];
+      }
+      const scalar_t l = ms + std::log(se);
+      lse_p[r] = l;
+      ts_p[r] = st;
+      rows_p[r] = l * st - sts * inv_t;  // sum_k -t_k (s_k / T - lse)
+    }
+  });
+}
+
+template <typename scalar_t>
+void ce_backward_impl(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& probs,
+                      const at::Tensor& index, const at::Tensor& lse, const at::Tensor& tsum, double temp,
+                      at::Tensor& grad) {
+  const int64_t N = logits.size(0), Ls = logits.size(1), Lt = probs.size(1), K = logits.size(2);
+  const scalar_t *s_p = logits.data_ptr<scalar_t>(), *t_p = probs.data_ptr<scalar_t>();
+  const scalar_t *g_p = grad_rows.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>();
+  const scalar_t* ts_p = tsum.data_ptr<scalar_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  scalar_t* out = grad.data_ptr<scalar_t>();
+  const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temp);
+  at::parallel_for(0, N * Ls, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* s = s_p + r * K;
+      const scalar_t* t = t_p + ((r / Ls) * Lt + idx[r]) * K;
+      scalar_t* o = out + r * K;
+      const scalar_t g = g_p[r] * inv_t, l = lse_p[r], gst = g * ts_p[r];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) o[k] = gst * exp_vec(s[k] * inv_t - l) - g * t[k];
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor region_argmax_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in) {
+  check_region_argmax(student_in, teacher_in);
+  const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
+  const int64_t N = student.size(0), Ls = student.size(1);
+  at::Tensor index = at::empty({N, Ls}, student.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(student.scalar_type(), "region_argmax_cpu", [&] {
+    argmax_impl<scalar_t>(student, teacher, index);
+  });
+  return index;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matched_ce_forward_cpu(const at::Tensor& logits_in,
+                                                                      const at::Tensor& probs_in,
+                                                                      const at::Tensor& index_in, double temp) {
+  check_matched_ce(logits_in, probs_in, index_in);
+  TORCH_CHECK(logits_in.scalar_type() == probs_in.scalar_type(),
+              "matched_soft_cross_entropy (cpu): logits and probs must share a dtype");
+  const at::Tensor logits = logits_in.contiguous(), probs = probs_in.contiguous(), index = index_in.contiguous();
+  const int64_t N = logits.size(0), Ls = logits.size(1), Lt = probs.size(1);
+  TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < Lt),
+              "matched_soft_cross_entropy: index out of range [0, ", Lt, ")");
+  at::Tensor rows = at::empty({N, Ls}, logits.options()), lse = at::empty_like(rows), tsum = at::empty_like(rows);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "matched_ce_forward_cpu", [&] {
+    ce_forward_impl<scalar_t>(logits, probs, index, temp, rows, lse, tsum);
+  });
+  return {rows, lse, tsum};
+}
+
+at::Tensor matched_ce_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits_in,
+                                   const at::Tensor& probs_in, const at::Tensor& index_in, const at::Tensor& lse_in,
+                                   const at::Tensor& tsum_in, double temp) {
+  check_matched_ce(logits_in, probs_in, index_in);
+  const at::Tensor logits = logits_in.contiguous(), probs = probs_in.contiguous(), index = index_in.contiguous();
+  const at::Tensor grad_rows = grad_rows_in.contiguous().to(logits.scalar_type());
+  const at::Tensor lse = lse_in.contiguous(), tsum = tsum_in.contiguous();
+  at::Tensor grad = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "matched_ce_backward_cpu", [&] {
+    ce_backward_impl<scalar_t>(grad_rows, logits, probs, index, lse, tsum, temp, grad);
+  });
+  return grad;
+}
+
+}  // namespace esvit
