@@ -39,7 +39,8 @@ def image_folder(tmp_path_factory) -> Path:
 
 def run_command(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True
                 ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
+                **(env or {})}
     proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args[:6])} ... exited {proc.returncode}\n"

@@ -1,0 +1,63 @@
+"""Evaluation of a checkpoint's teacher backbone.
+
+  python -m esvit_scale.eval knn --checkpoint RUN/checkpoints/<tag> --train TRAIN_DIR --val VAL_DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from esvit_scale.checkpoint import COMPLETE, read_client_state
+from esvit_scale.config import config_from_dict
+from esvit_scale.eval.knn import knn_eval
+from esvit_scale.models.esvit import EsViT
+
+
+def load_teacher(checkpoint: Path) -> tuple[EsViT, object]:
+    if not (checkpoint / COMPLETE).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint folder (no {COMPLETE} marker)")
+    cfg = config_from_dict(read_client_state(checkpoint)["config"])
+    teacher = EsViT(cfg, is_teacher=True)
+    teacher.load_state_dict(torch.load(checkpoint / "teacher.pt", map_location="cpu", weights_only=True))
+    return teacher.eval(), cfg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m esvit_scale.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    knn = sub.add_parser("knn", help="weighted k-NN top-1 of the teacher's view features")
+    knn.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder (…/checkpoints/<tag>)")
+    knn.add_argument("--train", required=True, help="labelled image folder for the neighbours")
+    knn.add_argument("--val", required=True, help="labelled image folder to classify")
+    knn.add_argument("--k", type=int, nargs="+", default=None, help="default: the run's eval.knn_k")
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--image-size", type=int, default=None, help="default: the run's eval.image_size")
+    knn.add_argument("--resize-size", type=int, default=None, help="default: the run's eval.resize_size")
+    knn.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        teacher, cfg = load_teacher(args.checkpoint)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher.to(device)
+    result = knn_eval(lambda x: teacher.backbone(x)[0], args.train, args.val, args.k or cfg.eval.knn_k,
+                      args.temperature, args.resize_size or cfg.eval.resize_size,
+                      args.image_size or cfg.eval.image_size, device)
+    out = {"checkpoint": str(args.checkpoint), "knn_top1": {str(k): v for k, v in result.items()}}
+    print(json.dumps(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

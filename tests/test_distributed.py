@@ -1,0 +1,49 @@
+"""Real DeepSpeed engines in 2 gloo processes (torchrun) on the CPU."""
+import json
+import shutil
+
+import pytest
+
+from conftest import PYTHON, read_losses, run_command, tiny_overrides, torchrun
+
+CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_saves_resumes_and_continues_with_the_same_losses(stage, image_folder, tmp_path):
+    opts = {"deepspeed.zero_stage": stage, "run.max_steps": 4, "run.checkpoint_every_steps": 2,
+            "run.keep_checkpoints": 5}
+    full = tmp_path / "full"
+    torchrun(CONFIG + tiny_overrides(image_folder, full, **opts))
+    uninterrupted = read_losses(full)
+    assert sorted(uninterrupted) == [1, 2, 3, 4]
+    assert (full / "checkpoints" / "step000000002" / "COMPLETE").is_file()
+    assert (full / "checkpoints" / "step000000004" / "teacher.pt").is_file()
+    assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+
+    resumed = tmp_path / "resumed"             # the same job, stopped after step 2 (mid-epoch)
+    shutil.copytree(full / "checkpoints" / "step000000002", resumed / "checkpoints" / "step000000002")
+    torchrun(CONFIG + tiny_overrides(image_folder, resumed, **opts))
+    after = read_losses(resumed)
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        assert after[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), (step, after, uninterrupted)
+    assert uninterrupted[1] != uninterrupted[4]
+
+
+def test_teacher_ema_equals_the_formula_at_stage3_without_gathering(image_folder, tmp_path):
+    proc = torchrun(["tests/scripts/check_ema_stage3.py", *tiny_overrides(image_folder, tmp_path)])
+    assert proc.stdout.count("EMA OK") == 2
+
+
+def test_view_only_checkpoint_continues_with_the_region_loss(image_folder, tmp_path):
+    view = tmp_path / "view"
+    run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, view, **{
+        "loss.region_loss": "false", "run.max_steps": 2})])
+    summary = json.loads((view / "summary.json").read_text())
+    assert summary["steps"] == 2
+    run_command([PYTHON, "tests/scripts/check_continuation.py", str(view / "checkpoints" / "step000000002"),
+                 *tiny_overrides(image_folder, tmp_path / "region", **{"run.max_steps": 4})])
+    losses = [json.loads(line) for line in (tmp_path / "region" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [3, 4]
+    assert all(r["region_loss"] > 0 for r in losses if "loss" in r)

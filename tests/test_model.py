@@ -1,0 +1,48 @@
+import torch
+
+from esvit_scale.config import load_config
+from esvit_scale.models.esvit import EsViT
+
+
+def tiny_cfg(*extra):
+    return load_config(None, ["model.arch=swin_nano", "model.window_size=4", "model.out_dim=64",
+                              "model.head_hidden_dim=32", "model.head_bottleneck_dim=16",
+                              "data.global_crops_size=64", *extra])
+
+
+def test_outputs_for_several_crop_sizes_one_pass_per_size():
+    cfg = tiny_cfg()
+    model = EsViT(cfg)
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    B = 2
+    crops = [torch.randn(B, 3, 64, 64)] * 2 + [torch.randn(B, 3, 32, 32)] * 3 + [torch.randn(B, 3, 48, 48)] * 2
+    out = model(crops)
+    assert [tuple(s) for s in calls] == [(2 * B, 3, 64, 64), (3 * B, 3, 32, 32), (2 * B, 3, 48, 48)]
+    C = model.backbone.num_features
+    tokens = [4, 4, 1, 1, 1, 4, 4]        # 64 px -> 2x2 last-stage tokens, 32 -> 1x1, 48 -> 2x2 (rounded up)
+    assert [tuple(v.shape) for v in out.view_logits] == [(B, 64)] * 7
+    assert [tuple(r.shape) for r in out.region_logits] == [(B, L, 64) for L in tokens]
+    assert [tuple(f.shape) for f in out.region_features] == [(B, L, C) for L in tokens]
+    # the view feature is the mean of the region tokens
+    view, region = model.backbone(crops[0])
+    torch.testing.assert_close(view, region.mean(1))
+
+
+def test_view_only_model_has_no_region_head_and_teacher_no_drop_path():
+    cfg = tiny_cfg("loss.region_loss=false", "model.drop_path_rate=0.3")
+    student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
+    assert student.region_head is None and student(
+        [torch.randn(1, 3, 64, 64)] * 2).region_logits is None
+    assert [n for n, _ in student.named_parameters()] == [n for n, _ in teacher.named_parameters()]
+    drop = lambda m: [x.drop_prob for x in m.modules() if type(x).__name__ == "DropPath"]  # noqa: E731
+    assert drop(student) and max(drop(student)) > 0 and drop(teacher) == []
+
+
+def test_presets_match_the_paper_sizes():
+    from esvit_scale.models.swin import SwinBackbone
+    for arch, millions, dim in [("swin_tiny", 27.5, 768), ("swin_base", 86.7, 1024)]:
+        cfg = load_config(None, [f"model.arch={arch}"])
+        bb = SwinBackbone(cfg.model, 224)
+        n = sum(p.numel() for p in bb.parameters()) / 1e6
+        assert abs(n - millions) / millions < 0.02 and bb.num_features == dim, (arch, n)
