@@ -35,3 +35,94 @@ def make_jpeg_folder(root: str | Path, num_images: int = 200, size: tuple[int, i
         w, h = (int(s * rng.uniform(0.9, 1.1)) for s in size)
         natural_image(rng, w, h).save(folder / f"img_{i:05d}.jpg", quality=quality)
     return root
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--folder", default=None, help="JPEG folder; default: generate one in a temp dir")
+    parser.add_argument("--num-images", type=int, default=200, help="images to generate (no --folder)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="DALI CPU threads = torch DataLoader workers")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-number", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (after one warm-up), alternating")
+    parser.add_argument("--loaders", default="torch,dali")
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+def _time_epoch(loader, epoch: int) -> tuple[int, float]:
+    import time
+    t0 = time.perf_counter()
+    images = sum(crops[0].shape[0] for crops in loader.epoch(epoch))
+    return images, time.perf_counter() - t0
+
+
+def _time_loaders(loaders: dict, epochs: int) -> dict:
+    """One warm-up epoch each, then `epochs` timed epochs, alternating loaders epoch by epoch so that a
+    change in the machine's load hits both alike."""
+    for loader in loaders.values():
+        _time_epoch(loader, 0)
+    totals = {name: [0, 0.0] for name in loaders}
+    for e in range(1, epochs + 1):
+        for name, loader in loaders.items():
+            images, seconds = _time_epoch(loader, e)
+            totals[name][0] += images
+            totals[name][1] += seconds
+    return {name: {"images": n, "seconds": round(s, 3), "images_per_s": round(n / s, 2)}
+            for name, (n, s) in totals.items()}
+
+
+def run(args) -> dict:
+    import json
+    import os
+    import platform
+    import tempfile
+
+    import torch
+
+    from esvit_scale.config import DataConfig
+    from esvit_scale.data.folder import index_folder
+
+    tmp = None
+    folder = args.folder
+    if folder is None:
+        tmp = tempfile.TemporaryDirectory(prefix="esvit_bench_jpegs_")
+        folder = str(make_jpeg_folder(tmp.name, args.num_images))
+    data = DataConfig(batch_size_per_gpu=args.batch_size, num_workers=args.workers,
+                      global_crops_size=args.global_size, local_crops_size=[args.local_size],
+                      local_crops_number=[args.local_number])
+    index = index_folder(folder)
+    torch.set_num_threads(1)                  # the main process only collates/copies
+    loaders = {}
+    for name in args.loaders.split(","):
+        if name == "dali":
+            from esvit_scale.data.dali_loader import DaliMultiCropLoader
+            loader = DaliMultiCropLoader(index, data, seed=0, device_id=None)
+        elif name == "torch":
+            from esvit_scale.data.torch_loader import TorchMultiCropLoader
+            loader = TorchMultiCropLoader(index, data, seed=0, pin_memory=False)
+        else:
+            raise SystemExit(f"unknown loader {name!r} (torch, dali)")
+        loaders[name] = loader
+    results = _time_loaders(loaders, args.epochs)
+    report = {
+        "benchmark": "loader",
+        "folder": folder if tmp is None else f"generated: {args.num_images} JPEGs of ~450x475",
+        "num_images": len(index), "batch_size": args.batch_size, "workers_or_threads": args.workers,
+        "crops": f"2 x {args.global_size} + {args.local_number} x {args.local_size}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "loaders": results,
+    }
+    if "dali" in results and "torch" in results:
+        report["speedup_vs_torch"] = round(results["dali"]["images_per_s"] / results["torch"]["images_per_s"], 2)
+    print(f"{'loader':8s} {'images/s':>10s} {'images':>8s} {'seconds':>9s}")
+    for name, r in results.items():
+        print(f"{name:8s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f}")
+    if "speedup_vs_torch" in report:
+        print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if tmp is not None:
+        tmp.cleanup()
+    return report
