@@ -24,6 +24,11 @@ from esvit_scale.data.multicrop import (BLUR_SIGMA, CROP_RATIO, FLIP_PROB, GRAYS
 from esvit_scale.data.transforms import random_resized_box
 
 LUMA = np.array([0.299, 0.587, 0.114])          # PIL's convert("L")
+_EYE = np.eye(3)
+_GRAY = np.outer(np.ones(3), LUMA)               # x -> luma(x) in every channel
+_K = np.ones(3) / math.sqrt(3)                   # the gray axis
+_K_CROSS = np.array([[0, -_K[2], _K[1]], [_K[2], 0, -_K[0]], [-_K[1], _K[0], 0]])
+_K_OUTER = np.outer(_K, _K)
 
 # Columns of one crop's parameter row (float32); the graph slices them by these offsets.
 ROI = slice(0, 4)          # y0, x0, y1, x1 in input pixels; x0 > x1 means a horizontal flip
@@ -51,21 +56,19 @@ class ColourState:
         self.touched = True
 
     def brightness(self, f: float) -> None:
-        self.linear(f * np.eye(3))
+        self.linear(f * _EYE)
 
     def saturation(self, f: float) -> None:
-        self.linear(f * np.eye(3) + (1 - f) * np.outer(np.ones(3), LUMA))
+        self.linear(f * _EYE + (1 - f) * _GRAY)
 
     def grayscale(self) -> None:
-        self.linear(np.outer(np.ones(3), LUMA))
+        self.linear(_GRAY)
 
     def hue(self, h: float) -> None:
         """A rotation by h turns about the gray axis: the linear stand-in for PIL's HSV hue shift."""
         theta = 2 * math.pi * h
         c, s = math.cos(theta), math.sin(theta)
-        k = np.ones(3) / math.sqrt(3)
-        cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-        self.linear(c * np.eye(3) + s * cross + (1 - c) * np.outer(k, k))
+        self.linear(c * _EYE + s * _K_CROSS + (1 - c) * _K_OUTER)
 
     def contrast(self, c: float) -> None:
         # blend with the mean luma of the current image: m = (A^T g) . mean(x0) + g . b  (v is 0 here:
