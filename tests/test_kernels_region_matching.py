@@ -1,0 +1,110 @@
+"""Region matching kernels (CPU, esvit_scale._C) against the pure-PyTorch references of the region loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esvit_scale.ops import _ext
+from esvit_scale.ops.region_matching import (
+    _MatchedSoftCrossEntropy, matched_soft_cross_entropy, matched_soft_cross_entropy_reference, region_argmax,
+    region_argmax_reference)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    assert _ext.available(), "esvit_scale._C is not built: run `python setup.py build_ext --inplace`"
+    _ext.configure()
+    yield
+    _ext.configure()
+
+
+SHAPES = [(2, 49, 49, 96), (3, 9, 49, 64), (1, 1, 1, 8), (4, 7, 5, 3), (2, 1, 49, 768)]   # N, Ls, Lt, C
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_region_argmax_matches_reference(shape):
+    N, Ls, Lt, C = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    student, teacher = torch.randn(N, Ls, C, generator=gen), torch.randn(N, Lt, C, generator=gen)
+    teacher = teacher * torch.rand(N, Lt, 1, generator=gen) * 10       # norms differ: cosine, not dot product
+    index = region_argmax(student, teacher)
+    assert index.dtype == torch.int64 and index.shape == (N, Ls)
+    assert torch.equal(index, region_argmax_reference(student, teacher))
+
+
+def test_region_argmax_uses_cosine_and_first_maximum():
+    teacher = torch.tensor([[[1.0, 0.0], [100.0, 1.0], [2.0, 0.0], [0.0, 0.0]]])   # tokens 0 and 2 tie in cosine
+    student = torch.tensor([[[3.0, 0.0], [0.0, 0.0], [1.0, 0.01]]])
+    index = region_argmax(student, teacher)
+    assert index.tolist() == [[0, 0, 1]]
+    assert torch.equal(index, region_argmax_reference(student, teacher))
+
+
+def test_region_argmax_double_and_no_grad():
+    student = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 6, 16, dtype=torch.float64)
+    index = region_argmax(student, teacher)
+    assert not index.requires_grad
+    assert torch.equal(index, region_argmax_reference(student, teacher))
+
+
+CE_SHAPES = [(2, 49, 49, 1000), (3, 9, 49, 4097), (1, 1, 1, 1), (2, 3, 2, 7)]   # N, Ls, Lt, K
+
+
+def ce_inputs(N, Ls, Lt, K, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, Ls, K, generator=gen, dtype=dtype) * 3).requires_grad_()
+    probs = torch.softmax(torch.randn(N, Lt, K, generator=gen, dtype=dtype) / 0.07, dim=-1)
+    index = torch.randint(0, Lt, (N, Ls), generator=gen)
+    return logits, probs, index, gen
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("temp", [0.1, 1.0])
+def test_matched_ce_matches_reference(shape, temp):
+    logits, probs, index, gen = ce_inputs(*shape, seed=sum(shape))
+    loss = matched_soft_cross_entropy(logits, probs, index, temp)
+    ref = matched_soft_cross_entropy_reference(logits, probs, index, temp)
+    assert loss.shape == (shape[0],) and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    weights = torch.rand(shape[0], generator=gen)
+    grad, = torch.autograd.grad((loss * weights).sum(), logits)
+    grad_ref, = torch.autograd.grad((ref * weights).sum(), logits)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_matched_ce_unnormalised_target_and_gradcheck():
+    """Teacher rows need not sum to 1 (the formula keeps sum(p_t)); double-precision gradcheck."""
+    logits, probs, index, _ = ce_inputs(2, 3, 4, 6, dtype=torch.float64)
+    probs = probs * torch.rand(2, 4, 1, dtype=torch.float64)
+    torch.testing.assert_close(matched_soft_cross_entropy(logits, probs, index, 0.3),
+                               (matched_soft_cross_entropy_reference(logits, probs, index, 0.3)).double(),
+                               atol=1e-6, rtol=1e-6)
+    assert torch.autograd.gradcheck(lambda s: _MatchedSoftCrossEntropy.apply(s, probs, index, 0.3), (logits,))
+
+
+def test_matched_ce_reads_the_matched_teacher_row():
+    logits, probs, index, _ = ce_inputs(1, 2, 3, 5)
+    probs = probs.detach().clone()
+    base = matched_soft_cross_entropy(logits, probs, torch.tensor([[0, 0]]), 0.1)
+    probs[0, 2] = torch.tensor([1.0, 0, 0, 0, 0])          # an unmatched row changes nothing
+    torch.testing.assert_close(matched_soft_cross_entropy(logits, probs, torch.tensor([[0, 0]]), 0.1), base)
+    other = matched_soft_cross_entropy(logits, probs, torch.tensor([[2, 2]]), 0.1)
+    expected = -(torch.log_softmax(logits[0, :, :] / 0.1, dim=-1)[:, 0]).mean()
+    torch.testing.assert_close(other[0], expected)
+
+
+def test_matched_ce_bad_index_raises():
+    logits, probs, index, _ = ce_inputs(1, 2, 3, 5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        matched_soft_cross_entropy(logits, probs, torch.tensor([[0, 3]]), 0.1)
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        matched_soft_cross_entropy(logits, probs[:, :, :4], index, 0.1)
+
+
+def test_region_matching_disabled_uses_reference():
+    _ext.configure(region_matching=False)
+    logits, probs, index, _ = ce_inputs(1, 2, 3, 5)
+    assert _ext.backend("region_matching", logits) == "reference"
+    loss = matched_soft_cross_entropy(logits, probs, index, 0.1)
+    assert loss.grad_fn is not None and "MatchedSoftCrossEntropy" not in type(loss.grad_fn).__name__
