@@ -1,0 +1,81 @@
+"""train.py as a user runs it: help, config errors, a NaN loss, preemption by a signal, resume, k-NN CLI."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, run_command, tiny_overrides
+
+CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
+
+
+def test_help_explains_configs_overrides_torchrun_and_resume():
+    out = run_command([PYTHON, "train.py", "--help"]).stdout
+    for words in ("section.key=value", "torchrun", "resume", "configs/"):
+        assert words in out
+
+
+def test_config_error_stops_before_any_work(tmp_path):
+    proc = run_command([PYTHON, *CONFIG, "optim.epoch=3", f"run.output_dir={tmp_path}/x"], check=False)
+    assert proc.returncode == 2 and "unknown key 'optim.epoch'" in proc.stderr and "epochs" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(image_folder, tmp_path):
+    out = tmp_path / "nan"
+    proc = run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **{
+        "loss.warmup_teacher_temp": "1e-45", "run.max_steps": 3})], check=False)
+    assert proc.returncode != 0
+    assert "loss is not finite at epoch 0, step 1" in proc.stderr and "Last complete checkpoint: none" in proc.stderr
+    assert not list(out.glob("checkpoints/*/COMPLETE"))
+
+
+def test_signal_saves_and_exits_then_the_run_resumes(image_folder, tmp_path):
+    out = tmp_path / "run"
+    args = [PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **{
+        "run.max_steps": 12, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 3})]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/*/COMPLETE")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preempted"] and summary["steps"] < 12
+    stopped_at = summary["steps"]
+    assert (out / "checkpoints" / f"step{stopped_at:09d}" / "COMPLETE").is_file()
+
+    # a half-written checkpoint (no COMPLETE marker, as after a kill mid-save) must be ignored
+    (out / "checkpoints" / "step000000999").mkdir()
+    (out / "checkpoints" / "step000000999" / "rank0.pt").write_bytes(b"partial")
+    proc = run_command(args)
+    assert f"resuming from {out / 'checkpoints' / f'step{stopped_at:09d}'}" in proc.stderr
+    assert "ignoring unfinished checkpoints" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and not summary["preempted"]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == list(range(1, 13))
+
+    # the k-NN CLI on the final checkpoint
+    ckpt = out / "checkpoints" / "step000000012"
+    res = run_command([PYTHON, "-m", "esvit_scale.eval", "knn", "--checkpoint", str(ckpt), "--train",
+                       str(image_folder), "--val", str(image_folder.parent / "val"), "--k", "5", "10"])
+    top1 = json.loads(res.stdout.strip().splitlines()[-1])["knn_top1"]
+    assert set(top1) == {"5", "10"} and all(0 <= v <= 100 for v in top1.values())
+
+
+def test_knn_classify_separable_and_weighted():
+    from esvit_scale.eval.knn import knn_classify
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    labels = torch.arange(4).repeat_interleave(10)
+    feats = torch.nn.functional.normalize(centres[labels] + 0.05 * torch.randn(40, 16, generator=g), dim=1)
+    res = knn_classify(feats, labels, feats, labels, ks=[1, 5, 20])
+    assert res == {1: 100.0, 5: 100.0, 20: 100.0}
+    shuffled = labels[torch.randperm(40, generator=g)]
+    assert knn_classify(feats, shuffled, feats, labels, ks=[5])[5] < 60.0
