@@ -173,8 +173,6 @@ class DaliMultiCropLoader:
                 while b < len(self.order):
                     try:
                         outputs = pipe.run()
-                    except StopIteration:
-                        return
                     except RuntimeError as e:
                         if not self._isolate(fed):
                             raise
