@@ -47,3 +47,15 @@ def test_view_only_checkpoint_continues_with_the_region_loss(image_folder, tmp_p
     losses = [json.loads(line) for line in (tmp_path / "region" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [3, 4]
     assert all(r["region_loss"] > 0 for r in losses if "loss" in r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_trains_and_resumes_exactly(stage, image_folder, tmp_path):
+    opts = {"deepspeed.zero_stage": stage, "deepspeed.precision": "bf16", "run.max_steps": 3,
+            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5}
+    torchrun(CONFIG + tiny_overrides(image_folder, tmp_path / "full", **opts))
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step000000002",
+                    tmp_path / "resumed" / "checkpoints" / "step000000002")
+    torchrun(CONFIG + tiny_overrides(image_folder, tmp_path / "resumed", **opts))
+    assert read_losses(tmp_path / "resumed")[3] == pytest.approx(read_losses(tmp_path / "full")[3], rel=1e-6)
