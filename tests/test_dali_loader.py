@@ -332,3 +332,15 @@ def test_gaussian_taps_cover_three_sigma():
     taps = P.blur_taps(1.05)
     assert len(taps) == 2 * math.ceil(3 * 1.05) + 1 and abs(taps.sum() - 1) < 1e-6
     assert len(P.blur_taps(2.0)) == 13 and P.blur_taps(0).tolist() == [1.0]
+
+
+def test_yielded_tensors_stay_valid_after_later_batches(jpegs):
+    """The crops are zero-copy views of DALI buffers: later iterations must not overwrite them."""
+    loader = DaliMultiCropLoader(index_folder(jpegs), small_cfg(batch=3), seed=2)
+    it = loader.epoch(0)
+    first = next(it)
+    snapshot = [c.clone() for c in first]
+    rest = list(it)
+    assert len(rest) == len(loader) - 1
+    assert all(torch.equal(a, b) for a, b in zip(first, snapshot))
+    assert not torch.equal(first[0], rest[0][0])

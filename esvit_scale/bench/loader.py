@@ -50,11 +50,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, help="write the results here")
 
 
-def _time_epoch(loader, epoch: int) -> tuple[int, float]:
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads: DALI's) and of its reaped children (DataLoader workers)."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _time_epoch(loader, epoch: int) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds) of one epoch; the torch loader's workers end with the epoch."""
     import time
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     images = sum(crops[0].shape[0] for crops in loader.epoch(epoch))
-    return images, time.perf_counter() - t0
+    return images, time.perf_counter() - t0, _cpu_seconds() - c0
 
 
 def _time_loaders(loaders: dict, epochs: int) -> dict:
@@ -62,14 +70,14 @@ def _time_loaders(loaders: dict, epochs: int) -> dict:
     change in the machine's load hits both alike."""
     for loader in loaders.values():
         _time_epoch(loader, 0)
-    totals = {name: [0, 0.0] for name in loaders}
+    totals = {name: [0, 0.0, 0.0] for name in loaders}
     for e in range(1, epochs + 1):
         for name, loader in loaders.items():
-            images, seconds = _time_epoch(loader, e)
-            totals[name][0] += images
-            totals[name][1] += seconds
-    return {name: {"images": n, "seconds": round(s, 3), "images_per_s": round(n / s, 2)}
-            for name, (n, s) in totals.items()}
+            for k, v in enumerate(_time_epoch(loader, e)):
+                totals[name][k] += v
+    return {name: {"images": n, "seconds": round(s, 3), "images_per_s": round(n / s, 2),
+                   "cpu_ms_per_image": round(1e3 * c / n, 2)}
+            for name, (n, s, c) in totals.items()}
 
 
 def run(args) -> dict:
@@ -83,6 +91,7 @@ def run(args) -> dict:
     from esvit_scale.config import DataConfig
     from esvit_scale.data.folder import index_folder
 
+    load_start = os.getloadavg()[0]     # the machine is shared: report how busy it was
     tmp = None
     folder = args.folder
     if folder is None:
@@ -111,15 +120,17 @@ def run(args) -> dict:
         "num_images": len(index), "batch_size": args.batch_size, "workers_or_threads": args.workers,
         "crops": f"2 x {args.global_size} + {args.local_number} x {args.local_size}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "loaders": results,
     }
     if "dali" in results and "torch" in results:
         report["speedup_vs_torch"] = round(results["dali"]["images_per_s"] / results["torch"]["images_per_s"], 2)
-    print(f"{'loader':8s} {'images/s':>10s} {'images':>8s} {'seconds':>9s}")
+    print(f"{'loader':8s} {'images/s':>10s} {'images':>8s} {'seconds':>9s} {'CPU ms/image':>13s}")
     for name, r in results.items():
-        print(f"{name:8s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f}")
+        print(f"{name:8s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} {r['cpu_ms_per_image']:13.1f}")
     if "speedup_vs_torch" in report:
-        print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x")
+        print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x   "
+              f"(1-min load average {report['load_average_1min']['start']} -> {report['load_average_1min']['end']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
