@@ -2,7 +2,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <algorithm>
 
 namespace esvit {
 
@@ -10,8 +10,8 @@ namespace esvit {
 // |r| <= ln2 / 2, degree-6 polynomial; relative error ~2e-7. exp(x) = 0 below -87 (also for -inf).
 inline float exp_vec(float x) {
   const float lo = -87.0f, hi = 88.0f;
-  const bool underflow = x < lo;
-  x = x < lo ? lo : (x > hi ? hi : x);
+  const float keep = x < lo ? 0.0f : 1.0f;  // exp underflows to 0 (also for -inf)
+  x = std::min(std::max(x, lo), hi);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split in two parts
   float p = 1.9875691500e-4f;
@@ -22,9 +22,7 @@ inline float exp_vec(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
+  return p * __builtin_bit_cast(float, bits) * keep;
 }
 inline double exp_vec(double x) { return std::exp(x); }
 

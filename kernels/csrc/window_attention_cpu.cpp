@@ -1,10 +1,12 @@
 // Fused window attention on the CPU: forward and backward, one (window, head) tile per task, OpenMP over
-// tiles. A tile's N x N scores live in a per-thread scratch buffer (<= 196 x 196 floats for W=14), never in
-// a (B_, H, N, N) tensor; the backward recomputes them from q, k and the saved log-sum-exp.
+// tiles (dynamic schedule: robust to a busy core). A tile's N x N scores live in a per-thread scratch buffer (56 x 56 for W=7, 200 x 200 for W=14), never
+// in a (B_, H, N, N) tensor; the backward recomputes them from q, k and the saved log-sum-exp. The small
+// matrix products run a register-blocked 4 x 8 kernel on zero-padded tiles (vectorised by the compiler).
 #include <ATen/Parallel.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -40,167 +42,194 @@ WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& tabl
 
 namespace {
 
-// bias (H, N, N) = table[rel_index] permuted, as the accumulation type.
-template <typename acc_t, typename scalar_t>
-std::vector<acc_t> gather_bias(const scalar_t* table, const int64_t* rel, const WindowShape& s) {
-  std::vector<acc_t> bias(s.H * s.N * s.N);
-  for (int64_t h = 0; h < s.H; ++h)
-    for (int64_t ij = 0; ij < s.N * s.N; ++ij) bias[h * s.N * s.N + ij] = static_cast<acc_t>(table[rel[ij] * s.H + h]);
-  return bias;
-}
+inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
-// scores (N, N) = bias + mask of window w (before q k^T is added).
-template <typename acc_t>
-void init_scores(acc_t* S, const acc_t* bias_h, const int32_t* region, int64_t w, int64_t N) {
-  std::copy(bias_h, bias_h + N * N, S);
-  if (region == nullptr) return;
-  const int32_t* r = region + w * N;
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < N; ++j) {
-      if (r[j] < 0) S[i * N + j] = neg_inf;
-      else if (r[i] >= 0 && r[i] != r[j]) S[i * N + j] += acc_t(-100);
-    }
-}
-
-// Copies q, k, v of tile (b, h) out of the (B_, N, 3, H, D) layout: Q, V (N, D) and Kt (D, N).
-template <typename acc_t, typename scalar_t>
-void load_tile(const scalar_t* qkv, int64_t b, int64_t h, const WindowShape& s, acc_t* Q, acc_t* Kt, acc_t* V) {
-  const int64_t row = 3 * s.H * s.D;
-  for (int64_t n = 0; n < s.N; ++n) {
-    const scalar_t* base = qkv + (b * s.N + n) * row + h * s.D;
-    for (int64_t d = 0; d < s.D; ++d) {
-      Q[n * s.D + d] = base[d];
-      Kt[d * s.N + n] = base[s.H * s.D + d];
-      V[n * s.D + d] = base[2 * s.H * s.D + d];
-    }
+// Additive score terms of every (window, head), computed once per call: bm (nW, H, N, Np) =
+// table[rel_index[i, j], h] + shift mask of window w; -inf for padded keys and padding columns j >= N.
+template <typename T>
+std::vector<T> bias_mask(const T* table, const int64_t* rel, const int32_t* region, const WindowShape& s,
+                         int64_t Np) {
+  const int64_t N = s.N, H = s.H;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  std::vector<T> bm(s.nW * H * N * Np, neg_inf);
+  for (int64_t w = 0; w < s.nW; ++w) {
+    const int32_t* r = region ? region + w * N : nullptr;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < N; ++i) {
+        T* row = bm.data() + ((w * H + h) * N + i) * Np;
+        for (int64_t j = 0; j < N; ++j) {
+          if (r && r[j] < 0) continue;  // padded key: stays -inf
+          row[j] = table[rel[i * N + j] * H + h] + (r && r[i] >= 0 && r[i] != r[j] ? T(-100) : T(0));
+        }
+      }
   }
+  return bm;
 }
 
-// S (N, N) += scale * A (N, D) @ Bt (D, N)
-template <typename acc_t>
-void add_scaled_abt(acc_t* S, const acc_t* A, const acc_t* Bt, acc_t scale, int64_t N, int64_t D) {
+// S[i, :] += bm[i, :] for the N real rows (leading dim Np for both).
+template <typename T>
+void add_bias_mask(T* S, const T* bm, int64_t N, int64_t Np) {
   for (int64_t i = 0; i < N; ++i) {
-    acc_t* s = S + i * N;
-    for (int64_t d = 0; d < D; ++d) {
-      const acc_t a = A[i * D + d] * scale;
-      const acc_t* bt = Bt + d * N;
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) s[j] += a * bt[j];
-    }
+    for (int64_t j = 0; j < Np; ++j) S[i * Np + j] += bm[i * Np + j];
   }
 }
 
-// One tile forward: O (N, D) and lse (N) from Q, Kt, V and the scores' bias + mask (already in S).
-template <typename acc_t>
-void tile_forward(acc_t* S, const acc_t* Q, const acc_t* Kt, const acc_t* V, acc_t scale, int64_t N, int64_t D,
-                  acc_t* O, acc_t* lse) {
-  add_scaled_abt(S, Q, Kt, scale, N, D);
-  for (int64_t i = 0; i < N; ++i) {
-    acc_t* p = S + i * N;
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t j = 0; j < N; ++j) m = std::max(m, p[j]);
-    acc_t sum = 0;
+// C (M x Nc) = alpha * A (M x K) @ B (K x Nc); row-major with leading dims lda, ldb, ldc; M % 4 == 0 and
+// Nc % 8 == 0 (the tiles are zero-padded). A 4-row x 32-byte block of C stays in registers over the K loop
+// (GCC vector extensions: AVX2 with -mavx2, pairs of SSE registers otherwise).
+template <typename T>
+void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Nc,
+          T alpha) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int L = 32 / sizeof(T);  // 8 floats or 4 doubles
+  for (int64_t i = 0; i < M; i += 4)
+    for (int64_t j = 0; j < Nc; j += L) {
+      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      const T *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+      for (int64_t k = 0; k < K; ++k) {
+        V b;
+        std::memcpy(&b, B + k * ldb + j, sizeof(V));
+        c0 += a0[k] * b;
+        c1 += a1[k] * b;
+        c2 += a2[k] * b;
+        c3 += a3[k] * b;
+      }
+      c0 *= alpha, c1 *= alpha, c2 *= alpha, c3 *= alpha;
+      std::memcpy(C + i * ldc + j, &c0, sizeof(V));
+      std::memcpy(C + (i + 1) * ldc + j, &c1, sizeof(V));
+      std::memcpy(C + (i + 2) * ldc + j, &c2, sizeof(V));
+      std::memcpy(C + (i + 3) * ldc + j, &c3, sizeof(V));
+    }
+}
+
+// Bt (cols x rows) = A (rows x cols), both with leading dim ld.
+template <typename T>
+void transpose(const T* A, T* Bt, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) Bt[j * ld + i] = A[i * ld + j];
+}
+
+// Per-thread tiles of one (window, head), zero-padded to Np = round8(N) rows/keys and Dp = round8(D) channels.
+template <typename T>
+struct Tile {
+  int64_t N, D, Np, Dp;
+  std::vector<T> buf;
+  T *Q, *K, *Kt, *V, *Vt, *G, *S, *P, *St, *Pt, *dQ, *dK, *dV;
+  Tile(int64_t n, int64_t d) : N(n), D(d), Np(round8(n)), Dp(round8(d)) {
+    const int64_t nd = Np * Dp, nn = Np * Np;
+    buf.assign(9 * nd + 4 * nn, T(0));
+    T* p = buf.data();
+    for (T** t : {&Q, &K, &Kt, &V, &Vt, &G, &dQ, &dK, &dV}) *t = p, p += nd;
+    for (T** t : {&S, &P, &St, &Pt}) *t = p, p += nn;
+  }
+  // q, k, v of tile (b, h) from the (B_, N, 3, H, D) layout; Kt and Vt are (Dp, Np).
+  void load(const T* qkv, int64_t b, int64_t h, int64_t H) {
+    const int64_t row = 3 * H * D;
+    for (int64_t n = 0; n < N; ++n) {
+      const T* base = qkv + (b * N + n) * row + h * D;
+      for (int64_t d = 0; d < D; ++d) {
+        Q[n * Dp + d] = base[d];
+        K[n * Dp + d] = Kt[d * Np + n] = base[H * D + d];
+        V[n * Dp + d] = Vt[d * Np + n] = base[2 * H * D + d];
+      }
+    }
+  }
+};
+
+// Forward over all tiles: out (B_, N, H*D), lse (B_, H, N).
+template <typename T>
+void forward_impl(const WindowShape& s, const T* qkv, const T* bm, T scale, T* out, T* lse) {
+  const int64_t N = s.N, D = s.D;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    Tile<T> t(N, D);
+    const int64_t Np = t.Np, Dp = t.Dp;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < s.B * s.H; ++task) {
+      const int64_t b = task / s.H, h = task % s.H;
+      t.load(qkv, b, h, s.H);
+      gemm(t.Q, Dp, t.Kt, Np, t.S, Np, Np, Dp, Np, scale);                   // S = scale q k^T
+      add_bias_mask(t.S, bm + ((b % s.nW) * s.H + h) * N * Np, N, Np);
+      T* l = lse + task * N;
+      for (int64_t i = 0; i < N; ++i) {                                        // P = softmax(S) row by row
+        T* p = t.S + i * Np;
+        T m = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j < N; ++j) m = std::max(m, p[j]);
+        T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < N; ++j) {
-      p[j] = exp_vec(p[j] - m);
-      sum += p[j];
-    }
-    lse[i] = m + std::log(sum);
-    const acc_t inv = acc_t(1) / sum;
-    acc_t* o = O + i * D;
-    std::fill(o, o + D, acc_t(0));
-    for (int64_t j = 0; j < N; ++j) {
-      const acc_t pj = p[j] * inv;
-      const acc_t* v = V + j * D;
+        for (int64_t j = 0; j < Np; ++j) {
+          p[j] = exp_vec(p[j] - m);
+          sum += p[j];
+        }
+        l[i] = m + std::log(sum);
+        const T inv = T(1) / sum;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += pj * v[d];
+        for (int64_t j = 0; j < Np; ++j) p[j] *= inv;
+      }
+      gemm(t.S, Np, t.V, Dp, t.dQ, Dp, Np, Np, Dp, T(1));                     // O = P v (rows >= N unused)
+      for (int64_t n = 0; n < N; ++n)
+        std::copy(t.dQ + n * Dp, t.dQ + n * Dp + D, out + (b * N + n) * s.H * D + h * D);
     }
   }
 }
 
-template <typename scalar_t>
-void backward_impl(const WindowShape& s, const at::Tensor& qkv, const at::Tensor& grad, const at::Tensor& out,
-                   const at::Tensor& lse, const at::Tensor& table, const at::Tensor& rel, const at::Tensor& region,
-                   double scale, at::Tensor& dqkv, at::Tensor& dbias_threads) {
-  using acc_t = scalar_t;
-  const scalar_t *qkv_p = qkv.data_ptr<scalar_t>(), *g_p = grad.data_ptr<scalar_t>();
-  const scalar_t *o_p = out.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>();
-  const std::vector<acc_t> bias = gather_bias<acc_t>(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s);
-  const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
-  scalar_t* dqkv_p = dqkv.data_ptr<scalar_t>();
-  scalar_t* dbias_all = dbias_threads.data_ptr<scalar_t>();
+// Backward over all tiles: dqkv (B_, N, 3, H, D) and per-thread dbias (threads, H, N, N).
+template <typename T>
+void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* out, const T* lse, const T* bm,
+                   T scale, T* dqkv, T* dbias_threads) {
   const int64_t N = s.N, D = s.D, row = 3 * s.H * s.D;
-  const acc_t sc = static_cast<acc_t>(scale);
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    acc_t* dbias = dbias_all + at::get_thread_num() * s.H * N * N;
-    std::vector<acc_t> buf(9 * N * D + 2 * N * N + N);
-    acc_t *Q = buf.data(), *Kt = Q + N * D, *V = Kt + N * D, *G = V + N * D, *Vt = G + N * D;
-    acc_t *dQ = Vt + N * D, *dK = dQ + N * D, *dV = dK + N * D, *P = dV + N * D, *dS = P + N * N;
-    acc_t *delta = dS + N * N, *K = delta + N;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / s.H, h = t % s.H;
-      load_tile(qkv_p, b, h, s, Q, Kt, V);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    Tile<T> t(N, D);
+    const int64_t Np = t.Np, Dp = t.Dp;
+    std::vector<T> delta(N);
+    T* dbias = dbias_threads + omp_get_thread_num() * s.H * N * N;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t task = 0; task < s.B * s.H; ++task) {
+      const int64_t b = task / s.H, h = task % s.H;
+      t.load(qkv, b, h, s.H);
+      for (int64_t n = 0; n < N; ++n) {                                        // dO and delta = rowsum(dO * O)
+        const T* g = grad + (b * N + n) * s.H * D + h * D;
+        const T* o = out + (b * N + n) * s.H * D + h * D;
+        T dl = 0;
+        for (int64_t d = 0; d < D; ++d) t.G[n * Dp + d] = g[d], dl += g[d] * o[d];
+        delta[n] = dl;
+      }
+      gemm(t.Q, Dp, t.Kt, Np, t.P, Np, Np, Dp, Np, scale);                   // P = exp(S - lse), recomputed
+      add_bias_mask(t.P, bm + ((b % s.nW) * s.H + h) * N * Np, N, Np);
+      const T* l = lse + task * N;
+      for (int64_t i = 0; i < Np; ++i) {
+        T* p = t.P + i * Np;
+        const T li = i < N ? l[i] : std::numeric_limits<T>::infinity();      // padding rows -> 0
+#pragma omp simd
+        for (int64_t j = 0; j < Np; ++j) p[j] = exp_vec(p[j] - li);
+      }
+      gemm(t.G, Dp, t.Vt, Np, t.S, Np, Np, Dp, Np, T(1));                    // dP = dO v^T
+      T* db = dbias + h * N * N;
+      for (int64_t i = 0; i < N; ++i) {                                        // dS = P (dP - delta)
+        T* ds = t.S + i * Np;
+        const T* p = t.P + i * Np;
+        const T di = delta[i];
+#pragma omp simd
+        for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - di);
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) db[i * N + j] += ds[j];
+      }
+      std::fill(t.S + N * Np, t.S + Np * Np, T(0));
+      transpose(t.S, t.St, Np, Np);
+      transpose(t.P, t.Pt, Np, Np);
+      gemm(t.S, Np, t.K, Dp, t.dQ, Dp, Np, Np, Dp, scale);                   // dQ = scale dS k
+      gemm(t.St, Np, t.Q, Dp, t.dK, Dp, Np, Np, Dp, scale);                  // dK = scale dS^T q
+      gemm(t.Pt, Np, t.G, Dp, t.dV, Dp, Np, Np, Dp, T(1));                   // dV = P^T dO
       for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* g = g_p + (b * N + n) * s.H * D + h * D;
-        const scalar_t* o = o_p + (b * N + n) * s.H * D + h * D;
-        acc_t dlt = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          G[n * D + d] = g[d];
-          Vt[d * N + n] = V[n * D + d];
-          K[n * D + d] = Kt[d * N + n];
-          dlt += static_cast<acc_t>(g[d]) * static_cast<acc_t>(o[d]);
-        }
-        delta[n] = dlt;
-      }
-      // P = exp(scale q k^T + bias + mask - lse)
-      init_scores(P, bias.data() + h * N * N, reg, b % s.nW, N);
-      add_scaled_abt(P, Q, Kt, sc, N, D);
-      const scalar_t* l = lse_p + t * N;
-      for (int64_t i = 0; i < N; ++i) {
-        const acc_t li = l[i];
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) P[i * N + j] = exp_vec(P[i * N + j] - li);
-      }
-      // dS = P * (dO v^T - delta)
-      std::fill(dS, dS + N * N, acc_t(0));
-      add_scaled_abt(dS, G, Vt, acc_t(1), N, D);
-      acc_t* db = dbias + h * N * N;
-      for (int64_t i = 0; i < N; ++i) {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          const acc_t ds = P[i * N + j] * (dS[i * N + j] - delta[i]);
-          dS[i * N + j] = ds;
-          db[i * N + j] += ds;
-        }
-      }
-      // dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO
-      std::fill(dQ, dQ + 3 * N * D, acc_t(0));
-      for (int64_t i = 0; i < N; ++i) {
-        acc_t* dq = dQ + i * D;
-        const acc_t* q = Q + i * D;
-        const acc_t* g = G + i * D;
-        const acc_t* kk = K;
-        for (int64_t j = 0; j < N; ++j) {
-          const acc_t ds = dS[i * N + j] * sc, p = P[i * N + j];
-          acc_t* dk = dK + j * D;
-          acc_t* dv = dV + j * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            dq[d] += ds * kk[j * D + d];
-            dk[d] += ds * q[d];
-            dv[d] += p * g[d];
-          }
-        }
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        scalar_t* base = dqkv_p + (b * N + n) * row + h * D;
-        std::copy(dQ + n * D, dQ + (n + 1) * D, base);
-        std::copy(dK + n * D, dK + (n + 1) * D, base + s.H * D);
-        std::copy(dV + n * D, dV + (n + 1) * D, base + 2 * s.H * D);
+        T* base = dqkv + (b * N + n) * row + h * D;
+        std::copy(t.dQ + n * Dp, t.dQ + n * Dp + D, base);
+        std::copy(t.dK + n * Dp, t.dK + n * Dp + D, base + s.H * D);
+        std::copy(t.dV + n * Dp, t.dV + n * Dp + D, base + 2 * s.H * D);
       }
     }
-  });
+  }
 }
 
 }  // namespace
@@ -216,24 +245,11 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
   at::Tensor out = at::empty({s.B, s.N, s.H * s.D}, qkv.options());
   at::Tensor lse = at::empty({s.B, s.H, s.N}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_forward_cpu", [&] {
-    using acc_t = scalar_t;
-    const scalar_t* qkv_p = qkv.data_ptr<scalar_t>();
-    const std::vector<acc_t> bias = gather_bias<acc_t>(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s);
-    const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
-    scalar_t* out_p = out.data_ptr<scalar_t>();
-    scalar_t* lse_p = lse.data_ptr<scalar_t>();
-    at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(3 * s.N * s.D + s.N * s.N + s.N * s.D);
-      acc_t *Q = buf.data(), *Kt = Q + s.N * s.D, *V = Kt + s.N * s.D, *S = V + s.N * s.D, *O = S + s.N * s.N;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / s.H, h = t % s.H;
-        load_tile(qkv_p, b, h, s, Q, Kt, V);
-        init_scores(S, bias.data() + h * s.N * s.N, reg, b % s.nW, s.N);
-        tile_forward(S, Q, Kt, V, static_cast<acc_t>(scale), s.N, s.D, O, lse_p + t * s.N);
-        for (int64_t n = 0; n < s.N; ++n)
-          std::copy(O + n * s.D, O + (n + 1) * s.D, out_p + (b * s.N + n) * s.H * s.D + h * s.D);
-      }
-    });
+    const std::vector<scalar_t> bm = bias_mask(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(),
+                                               region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr, s,
+                                               round8(s.N));
+    forward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), bm.data(), static_cast<scalar_t>(scale),
+                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
   });
   return {out, lse};
 }
@@ -253,7 +269,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
   const int nthreads = at::get_num_threads();
   at::Tensor dbias_threads = at::zeros({nthreads, s.H, s.N, s.N}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_backward_cpu", [&] {
-    backward_impl<scalar_t>(s, qkv, grad, out, lse, table, rel, region, scale, dqkv, dbias_threads);
+    const std::vector<scalar_t> bm = bias_mask(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(),
+                                               region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr, s,
+                                               round8(s.N));
+    backward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            lse.data_ptr<scalar_t>(), bm.data(), static_cast<scalar_t>(scale),
+                            dqkv.data_ptr<scalar_t>(), dbias_threads.data_ptr<scalar_t>());
   });
   return {dqkv, dbias_threads.sum(0)};
 }
