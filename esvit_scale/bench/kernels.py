@@ -1,0 +1,215 @@
+"""Fused kernels vs their references (and timm's window attention) at Swin-T shapes, forward + backward.
+
+    python -m esvit_scale.bench kernels --json runs/bench_kernels.json
+
+Every variant of an op runs in this one process, interleaved round by round; the reported time is the
+median over rounds of one forward + backward. Peak memory is the growth of the process's peak RSS during
+one call on the CPU (VmHWM, reset through /proc/self/clear_refs; glibc is told to return big blocks to the
+OS), torch.cuda.max_memory_allocated on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock, get_relative_position_index
+
+from esvit_scale.ops import _ext
+from esvit_scale.ops.region_matching import (
+    matched_soft_cross_entropy, matched_soft_cross_entropy_reference, region_argmax, region_argmax_reference)
+from esvit_scale.ops.swin_attention import install_window_attention, window_layout
+from esvit_scale.ops.window_attention import window_attention, window_attention_reference
+
+# Swin-T at 224 px: (feature map side, channels, heads, shifted) of the blocks of each stage; window 7.
+SWIN_T_STAGES = [(56, 96, 3, True), (28, 192, 6, True), (14, 384, 12, True), (7, 768, 24, False)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8, help="images per window-attention call")
+    parser.add_argument("--ce-batch", type=int, default=8, help="images per region-matching call")
+    parser.add_argument("--K", type=int, default=65536, help="prototypes of the region head")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+
+
+# --- measurement ---------------------------------------------------------------------------------------
+def _setup_malloc() -> None:
+    """Fixed mmap threshold: blocks over 64 KiB go back to the OS when freed, so peak RSS tracks tensors."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 * 1024)   # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Extra memory at the peak of one call of fn."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def time_variants(variants: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median milliseconds per call of each variant, interleaved so that machine noise hits all alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in variants.values():           # warm-up: allocations, kernel caches, layout caches
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def run():
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+# --- window attention -----------------------------------------------------------------------------------
+def bench_window_attention(args, device: torch.device) -> list[dict]:
+    results = []
+    rel = get_relative_position_index(7, 7).to(device)
+    for side, dim, heads, shifted in SWIN_T_STAGES:
+        shift = (3, 3) if shifted else (0, 0)
+        gather, _, region = window_layout(side, side, (7, 7), shift, device)
+        nW, N, D = gather.numel() // 49, 49, dim // heads
+        gen = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(args.batch * nW, N, 3 * dim, device=device, generator=gen, requires_grad=True)
+        table = (0.02 * torch.randn(169, heads, device=device, generator=gen)).requires_grad_()
+        scale = D ** -0.5
+        op = {
+            "fused": fwd_bwd(lambda: window_attention(qkv, table, rel, region, heads, scale)),
+            "reference": fwd_bwd(lambda: window_attention_reference(qkv, table, rel, region, heads, scale)),
+        }
+        # the whole attention path of a block (roll/partition, qkv, attention, proj, reverse), ours vs timm's
+        x = torch.randn(args.batch, side, side, dim, device=device, generator=gen, requires_grad=True)
+        blocks = {}
+        for name in ("timm", "timm_sdpa", "ours_fused", "ours_reference"):
+            torch.manual_seed(0)
+            blk = SwinTransformerBlock(dim, (side, side), num_heads=heads, window_size=7,
+                                       shift_size=3 if shifted else 0, dynamic_mask=True).to(device)
+            blk.attn.fused_attn = name == "timm_sdpa"
+            if name.startswith("ours"):
+                install_window_attention(blk, fused=name == "ours_fused")
+            blocks[name] = fwd_bwd(lambda blk=blk: blk._attn(x))
+        ms = time_variants({**op, **{f"block_{k}": v for k, v in blocks.items()}}, args.rounds, device)
+        mem = {k: peak_memory_mib(v, device) for k, v in op.items()}
+        results.append({
+            "stage_map": [side, side], "windows": args.batch * nW, "tokens_per_window": N, "heads": heads,
+            "head_dim": D, "shifted": shifted, "qkv_shape": list(qkv.shape),
+            "ms": {k: round(v, 3) for k, v in ms.items()},
+            "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
+            "block_speedup_vs_timm": round(ms["block_timm"] / ms["block_ours_fused"], 2),
+            "block_speedup_vs_timm_sdpa": round(ms["block_timm_sdpa"] / ms["block_ours_fused"], 2),
+            "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
+        })
+    return results
+
+
+# --- region matching -------------------------------------------------------------------------------------
+def bench_region_matching(args, device: torch.device) -> list[dict]:
+    results = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    N, K = args.ce_batch, args.K
+    for Ls in (49, 9):                      # student global crop / local crop against a teacher global crop
+        Lt = 49
+        logits = (3 * torch.randn(N, Ls, K, device=device, generator=gen)).requires_grad_()
+        probs = torch.softmax(torch.randn(N, Lt, K, device=device, generator=gen) / 0.07, dim=-1)
+        fs = torch.randn(N, Ls, 768, device=device, generator=gen)
+        ft = torch.randn(N, Lt, 768, device=device, generator=gen)
+        index = region_argmax_reference(fs, ft)
+        ce = {"fused": fwd_bwd(lambda: matched_soft_cross_entropy(logits, probs, index, 0.1).sum()),
+              "reference": fwd_bwd(lambda: matched_soft_cross_entropy_reference(logits, probs, index, 0.1).sum())}
+        ms = time_variants(ce, args.rounds, device)
+        mem = {k: peak_memory_mib(v, device) for k, v in ce.items()}
+        am = time_variants({"fused": lambda: region_argmax(fs, ft),
+                            "reference": lambda: region_argmax_reference(fs, ft)}, args.rounds, device)
+        ratio = (mem["reference"] / mem["fused"]) if mem["fused"] and mem["reference"] is not None else None
+        results.append({
+            "op": "matched_soft_cross_entropy", "logits_shape": [N, Ls, K], "probs_shape": [N, Lt, K],
+            "ms": {k: round(v, 3) for k, v in ms.items()},
+            "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
+            "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
+            "memory_ratio_vs_reference": None if ratio is None else round(ratio, 2),
+        })
+        results.append({
+            "op": "region_argmax", "student_shape": [N, Ls, 768], "teacher_shape": [N, Lt, 768],
+            "ms": {k: round(v, 3) for k, v in am.items()},
+            "speedup_vs_reference": round(am["reference"] / am["fused"], 2),
+        })
+    return results
+
+
+def _print_table(report: dict) -> None:
+    print(f"device {report['device']}  threads {report['threads']}  backends {report['backends']}")
+    print("window attention, forward + backward, ms (median)")
+    print(f"{'map':>7} {'heads':>5} {'fused':>8} {'ref':>8} {'x':>5} | {'blk ours':>8} {'blk ref':>8} "
+          f"{'timm':>8} {'sdpa':>8} | {'MiB fused':>9} {'MiB ref':>8}")
+    for r in report["window_attention"]:
+        m, p = r["ms"], r["peak_mib"]
+        print(f"{r['stage_map'][0]:>4}x{r['stage_map'][1]:<2} {r['heads']:>5} {m['fused']:>8.1f} "
+              f"{m['reference']:>8.1f} {r['speedup_vs_reference']:>5.2f} | {m['block_ours_fused']:>8.1f} "
+              f"{m['block_ours_reference']:>8.1f} {m['block_timm']:>8.1f} {m['block_timm_sdpa']:>8.1f} | "
+              f"{p['fused'] or float('nan'):>9.1f} {p['reference'] or float('nan'):>8.1f}")
+    print("region matching, ms (median)")
+    for r in report["region_matching"]:
+        shape = r.get("logits_shape") or r.get("student_shape")
+        mem = (f"  peak MiB fused {r['peak_mib']['fused']} ref {r['peak_mib']['reference']}"
+               f" (x{r['memory_ratio_vs_reference']})") if "peak_mib" in r else ""
+        print(f"  {r['op']:<27} {str(shape):<18} fused {r['ms']['fused']:8.2f}  ref {r['ms']['reference']:8.2f}"
+              f"  x{r['speedup_vs_reference']}{mem}")
+
+
+def run(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _setup_malloc()
+    device = torch.device(args.device)
+    _ext.configure()
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
+        "window_attention": bench_window_attention(args, device),
+        "region_matching": bench_region_matching(args, device),
+    }
+    _print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
