@@ -1,7 +1,8 @@
-"""The quickstart's labelled image folder: shapes on textured backgrounds, generated deterministically.
+"""The quickstart's labelled image folder: textures, generated deterministically.
 
-Classes differ by the shape drawn (not by colour, position or size, which are random), so a network has
-to learn shape to tell them apart. Written as JPEGs under root/train/<class> and root/val/<class>.
+A class is a texture pattern (stripes, checks, dots, rings, waves, blobs) filling the image; frequency,
+orientation, phase and the two grey levels are random per image, so a network must learn the pattern.
+Written as JPEGs under root/train/<class> and root/val/<class>.
 """
 from __future__ import annotations
 
@@ -10,55 +11,53 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes")
+CLASSES = ("stripes", "checks", "dots", "rings", "waves", "blobs")
 
 
-def _polygon(cx, cy, r, n, angle):
-    return [(cx + r * np.cos(angle + 2 * np.pi * k / n), cy + r * np.sin(angle + 2 * np.pi * k / n))
-            for k in range(n)]
+def pattern(cls: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) mask in {0, 1} of the class's texture."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    theta, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    u = x * np.cos(theta) + y * np.sin(theta)
+    v = -x * np.sin(theta) + y * np.cos(theta)
+    f = rng.uniform(3.0, 6.0)                      # cycles per image
+    if cls == "stripes":
+        field = np.sin(2 * np.pi * f * u + phase)
+    elif cls == "checks":
+        field = np.sin(2 * np.pi * f * u + phase) * np.sin(2 * np.pi * f * v)
+    elif cls == "dots":
+        field = np.cos(2 * np.pi * f * u + phase) + np.cos(2 * np.pi * f * v) - 1.2
+    elif cls == "rings":
+        cx, cy = rng.uniform(0.2, 0.8, 2)
+        field = np.sin(2 * np.pi * f * np.hypot(x - cx, y - cy) + phase)
+    elif cls == "waves":
+        field = np.sin(2 * np.pi * f * (u + 0.12 * np.sin(2 * np.pi * 2.5 * v)) + phase)
+    elif cls == "blobs":
+        low = rng.normal(size=(5, 5)).astype(np.float32)
+        field = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC))
+    else:
+        raise ValueError(cls)
+    return (field > 0).astype(np.float32)
 
 
 def draw_image(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
-    # low-frequency coloured noise background
-    low = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
-    bg = Image.fromarray(low).resize((size, size), Image.BICUBIC)
-    noise = rng.normal(0, 12, (size, size, 3))
-    img = Image.fromarray(np.clip(np.asarray(bg, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    fg = tuple(int(c) for c in rng.integers(0, 256, 3))
-    r = size * rng.uniform(0.18, 0.32)
-    cx, cy = (size * rng.uniform(0.35, 0.65) for _ in range(2))
-    angle = rng.uniform(0, 2 * np.pi)
-    width = max(2, int(r * 0.35))
-    if cls == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif cls == "square":
-        draw.polygon(_polygon(cx, cy, r * 1.2, 4, angle), fill=fg)
-    elif cls == "triangle":
-        draw.polygon(_polygon(cx, cy, r * 1.3, 3, angle), fill=fg)
-    elif cls == "cross":
-        for a in (angle, angle + np.pi / 2):
-            dx, dy = r * 1.2 * np.cos(a), r * 1.2 * np.sin(a)
-            draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=fg, width=width)
-    elif cls == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=width)
-    elif cls == "stripes":
-        for k in range(-2, 3):
-            ox, oy = k * r * 0.5 * np.cos(angle + np.pi / 2), k * r * 0.5 * np.sin(angle + np.pi / 2)
-            dx, dy = r * np.cos(angle), r * np.sin(angle)
-            draw.line([cx + ox - dx, cy + oy - dy, cx + ox + dx, cy + oy + dy], fill=fg, width=max(1, width // 2))
-    return img.filter(ImageFilter.GaussianBlur(0.5))
+    """Grey levels only: colour would let self-supervision tell images apart without seeing the pattern."""
+    dark, light = sorted(rng.uniform(0, 255, 2))
+    light = max(light, dark + 80)
+    mask = pattern(cls, size, rng)
+    img = dark + mask * (light - dark) + rng.normal(0, 10, (size, size))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB")
 
 
 def make_quickstart_folder(root: str | Path, train_per_class: int = 80, val_per_class: int = 20,
                            size: int = 96, seed: int = 0) -> Path:
     """Writes the folder once; a complete folder with the same parameters is reused."""
     root = Path(root)
-    spec = dict(classes=CLASSES, train=train_per_class, val=val_per_class, size=size, seed=seed)
+    spec = dict(version=2, classes=CLASSES, train=train_per_class, val=val_per_class, size=size, seed=seed)
     marker = root / "dataset.json"
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(spec)):
         return root
