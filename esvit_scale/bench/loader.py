@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--local-number", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (after one warm-up), alternating")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="timed epochs per loader (after one warm-up), alternating")
     parser.add_argument("--loaders", default="torch,dali")
     parser.add_argument("--json", default=None, help="write the results here")
 

@@ -19,7 +19,6 @@ from esvit_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THR
 
 MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]
 STD_255 = [255.0 * s for s in IMAGENET_STD]
-COLOUR_ALWAYS = False    # apply the colour map to every crop (identity where not drawn) instead of splitting
 
 
 def _colour(crop, prm, c: int, gpu: bool):
@@ -66,9 +65,7 @@ def multicrop_pipeline(specs: list[CropSpec], gpu: bool, source):
     for c, spec in enumerate(specs):
         crop = fn.resize(image, size=[spec.size, spec.size], roi_start=prm[c, 0:2], roi_end=prm[c, 2:4],
                          interp_type=types.INTERP_CUBIC, antialias=True)
-        if COLOUR_ALWAYS:
-            crop = _colour(crop, prm, c, gpu)
-        elif prm[c, P.COLOUR] > 0.5:
+        if prm[c, P.COLOUR] > 0.5:
             crop = _colour(crop, prm, c, gpu)
         if spec.blur_prob >= 1:                     # no split/merge where every sample is blurred
             crop = _blur(crop, kernels[c], prm[c, P.SIGMA], gpu)
