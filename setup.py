@@ -43,8 +43,14 @@ def kernel_extensions():
         include_dirs += [p for p in (os.path.join(d, "cu13", "include") for d in nvidia.__path__) if os.path.isdir(p)]
     except ImportError:
         pass
+    # libcudart.so to link against: CUDA_HOME is the folder above nvcc's bin/ (here /usr/local), which need not
+    # hold the toolkit's lib/; look in the usual toolkit folders too.
+    cuda_home = cpp_extension.CUDA_HOME or os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+    candidates = [os.path.join(cuda_home, d) for d in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    candidates += sorted(glob.glob("/usr/local/cuda*/lib64")) + sorted(glob.glob("/usr/local/cuda*/lib"))
+    library_dirs = [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))][:1]
     ext = cpp_extension.CUDAExtension(
-        "esvit_scale._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+        "esvit_scale._C", cpp_sources + cuda_sources, include_dirs=include_dirs, library_dirs=library_dirs,
         define_macros=[("ESVIT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
         extra_link_args=["-fopenmp"])
