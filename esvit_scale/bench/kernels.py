@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import statistics
 import time
@@ -76,6 +77,22 @@ def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | Non
     base = _rss_kib("VmRSS")
     fn()
     return (_rss_kib("VmHWM") - base) / 1024
+
+
+def retained_memory_mib(forward: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Memory that one forward keeps alive for its backward (its output held, the graph not yet run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        out = forward()
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base
+    else:
+        base = _rss_kib("VmRSS") * 1024
+        out = forward()
+        held = _rss_kib("VmRSS") * 1024 - base
+    del out
+    return held / 2**20
 
 
 def time_variants(variants: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
@@ -158,6 +175,9 @@ def bench_region_matching(args, device: torch.device) -> list[dict]:
               "reference": fwd_bwd(lambda: matched_soft_cross_entropy_reference(logits, probs, index, 0.1).sum())}
         ms = time_variants(ce, args.rounds, device)
         mem = {k: peak_memory_mib(v, device) for k, v in ce.items()}
+        held = {"fused": retained_memory_mib(lambda: matched_soft_cross_entropy(logits, probs, index, 0.1), device),
+                "reference": retained_memory_mib(
+                    lambda: matched_soft_cross_entropy_reference(logits, probs, index, 0.1), device)}
         am = time_variants({"fused": lambda: region_argmax(fs, ft),
                             "reference": lambda: region_argmax_reference(fs, ft)}, args.rounds, device)
         ratio = (mem["reference"] / mem["fused"]) if mem["fused"] and mem["reference"] is not None else None
@@ -167,6 +187,8 @@ def bench_region_matching(args, device: torch.device) -> list[dict]:
             "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
             "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
             "memory_ratio_vs_reference": None if ratio is None else round(ratio, 2),
+            # kept alive from forward to backward (x18 calls per step: 2 teachers x 9 other crops)
+            "retained_by_forward_mib": {k: round(v, 1) for k, v in held.items()},
         })
         results.append({
             "op": "region_argmax", "student_shape": [N, Ls, 768], "teacher_shape": [N, Lt, 768],
@@ -177,7 +199,8 @@ def bench_region_matching(args, device: torch.device) -> list[dict]:
 
 
 def _print_table(report: dict) -> None:
-    print(f"device {report['device']}  threads {report['threads']}  backends {report['backends']}")
+    print(f"device {report['device']}  threads {report['threads']}  backends {report['backends']}  "
+          f"load average {report['load_average_before']} -> {report['load_average_after']}")
     print("window attention, forward + backward, ms (median)")
     print(f"{'map':>7} {'heads':>5} {'fused':>8} {'ref':>8} {'x':>5} | {'blk ours':>8} {'blk ref':>8} "
           f"{'timm':>8} {'sdpa':>8} | {'MiB fused':>9} {'MiB ref':>8}")
@@ -191,7 +214,9 @@ def _print_table(report: dict) -> None:
     for r in report["region_matching"]:
         shape = r.get("logits_shape") or r.get("student_shape")
         mem = (f"  peak MiB fused {r['peak_mib']['fused']} ref {r['peak_mib']['reference']}"
-               f" (x{r['memory_ratio_vs_reference']})") if "peak_mib" in r else ""
+               f" (x{r['memory_ratio_vs_reference']}), kept for backward MiB fused"
+               f" {r['retained_by_forward_mib']['fused']} ref {r['retained_by_forward_mib']['reference']}"
+               ) if "peak_mib" in r else ""
         print(f"  {r['op']:<27} {str(shape):<18} fused {r['ms']['fused']:8.2f}  ref {r['ms']['reference']:8.2f}"
               f"  x{r['speedup_vs_reference']}{mem}")
 
@@ -205,10 +230,12 @@ def run(args) -> None:
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
         "window_attention": bench_window_attention(args, device),
         "region_matching": bench_region_matching(args, device),
     }
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     _print_table(report)
     if args.json:
         with open(args.json, "w") as f:
