@@ -15,6 +15,8 @@ import torch
 
 from esvit_scale.ops import _ext
 
+CUDA_HEAD_DIMS = (16, 32, 64)   # the head dims window_attention_cuda.cu is compiled for
+
 
 def region_mask(region: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """region (nW, N) -> additive mask (nW, N, N): -inf for padded keys, -100 across shift regions."""
@@ -63,6 +65,8 @@ class _FusedWindowAttention(torch.autograd.Function):
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, rel_index: torch.Tensor, region: torch.Tensor | None,
                      num_heads: int, scale: float, use_kernel: bool = True) -> torch.Tensor:
     """Dispatches to the CUDA / CPU kernel or the reference (see esvit_scale.ops._ext.backend)."""
-    if _ext.backend("window_attention", qkv, use_kernel) == "reference":
+    backend = _ext.backend("window_attention", qkv, use_kernel)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if backend == "reference" or (backend == "cuda" and head_dim not in CUDA_HEAD_DIMS):
         return window_attention_reference(qkv, table, rel_index, region, num_heads, scale)
     return _FusedWindowAttention.apply(qkv, table, rel_index, region, num_heads, scale)
