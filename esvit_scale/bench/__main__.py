@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 SUBCOMMANDS = {
     "kernels": "esvit_scale.bench.kernels",   # fused ops vs reference (and timm) at Swin-T shapes
@@ -16,9 +17,13 @@ SUBCOMMANDS = {
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m esvit_scale.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in SUBCOMMANDS), None)
     for name, module in SUBCOMMANDS.items():
-        mod = importlib.import_module(module)
-        mod.add_arguments(sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0]))
+        # import only the subcommand asked for: one benchmark's missing dependency must not break another
+        mod = importlib.import_module(module) if name == chosen else None
+        p = sub.add_parser(name, help=f"see {module}")
+        if mod is not None:
+            mod.add_arguments(p)
     args = parser.parse_args(argv)
     importlib.import_module(SUBCOMMANDS[args.command]).run(args)
 

@@ -19,9 +19,9 @@ import random
 
 import numpy as np
 
-from esvit_scale.data.multicrop import (BLUR_SIGMA, CROP_RATIO, FLIP_PROB, GRAYSCALE_PROB, JITTER, JITTER_PROB,
+from esvit_scale.data.multicrop import (BLUR_SIGMA, CROP_RATIO, FLIP_PROB, GRAYSCALE_PROB, JITTER_PROB,
                                         CropSpec)
-from esvit_scale.data.transforms import random_resized_box
+from esvit_scale.data.transforms import draw_jitter, random_resized_box
 
 LUMA = np.array([0.299, 0.587, 0.114])          # PIL's convert("L")
 _EYE = np.eye(3)
@@ -88,13 +88,8 @@ def draw_crop(width: int, height: int, spec: CropSpec, rng: random.Random) -> np
     row[ROI] = (top, left + w, top + h, left) if flip else (top, left, top + h, left + w)
     colour = ColourState()
     if rng.random() < JITTER_PROB:
-        factors = [rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"]),
-                   rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"]),
-                   rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"]),
-                   rng.uniform(-JITTER["hue"], JITTER["hue"])]
+        factors, order = draw_jitter(rng)
         ops = [colour.brightness, colour.contrast, colour.saturation, colour.hue]
-        order = list(range(4))
-        rng.shuffle(order)
         for i in order:
             ops[i](factors[i])
     if rng.random() < GRAYSCALE_PROB:

@@ -37,15 +37,22 @@ def random_resized_box(width: int, height: int, scale, ratio, rng: random.Random
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
-    """torchvision ColorJitter(0.4, 0.4, 0.2, 0.1): the four adjustments in a random order."""
+def draw_jitter(rng: random.Random) -> tuple[list[float], list[int]]:
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) parameters: (brightness, contrast, saturation, hue) factors and the
+    random order in which the four adjustments apply. Shared by the PIL and the DALI pipelines."""
     factors = [rng.uniform(1 - JITTER["brightness"], 1 + JITTER["brightness"]),
                rng.uniform(1 - JITTER["contrast"], 1 + JITTER["contrast"]),
                rng.uniform(1 - JITTER["saturation"], 1 + JITTER["saturation"]),
                rng.uniform(-JITTER["hue"], JITTER["hue"])]
-    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     order = list(range(4))
     rng.shuffle(order)
+    return factors, order
+
+
+def color_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
+    """torchvision ColorJitter(0.4, 0.4, 0.2, 0.1): the four adjustments in a random order."""
+    factors, order = draw_jitter(rng)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in order:
         img = ops[i](img, factors[i])
     return img
