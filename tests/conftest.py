@@ -68,3 +68,13 @@ def read_losses(output_dir: Path) -> dict[int, float]:
         if "loss" in rec:
             losses[rec["step"]] = rec["loss"]
     return losses
+
+
+@pytest.fixture
+def kernels_on():
+    """The compiled kernels, with the dispatch reset to its defaults around the test."""
+    from esvit_scale.ops import _ext
+    assert _ext.available(), "esvit_scale._C is not built: run `python setup.py build_ext --inplace`"
+    _ext.configure()
+    yield
+    _ext.configure()

@@ -10,12 +10,7 @@ from esvit_scale.ops.region_matching import (
     region_argmax_reference)
 
 
-@pytest.fixture(autouse=True)
-def kernels_on():
-    assert _ext.available(), "esvit_scale._C is not built: run `python setup.py build_ext --inplace`"
-    _ext.configure()
-    yield
-    _ext.configure()
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
 
 SHAPES = [(2, 49, 49, 96), (3, 9, 49, 64), (1, 1, 1, 8), (4, 7, 5, 3), (2, 1, 49, 768)]   # N, Ls, Lt, C

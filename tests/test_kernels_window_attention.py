@@ -14,12 +14,7 @@ from esvit_scale.ops.swin_attention import EsvitSwinBlock, install_window_attent
 from esvit_scale.ops.window_attention import _FusedWindowAttention, window_attention, window_attention_reference
 
 
-@pytest.fixture(autouse=True)
-def kernels_on():
-    assert _ext.available(), "esvit_scale._C is not built: run `python setup.py build_ext --inplace`"
-    _ext.configure()
-    yield
-    _ext.configure()
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
 
 def random_region(nW: int, N: int, shift: bool, pad: bool, gen: torch.Generator) -> torch.Tensor | None:
