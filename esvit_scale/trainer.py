@@ -94,8 +94,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(cfg.to_yaml())
-        if hasattr(ops, "configure"):
-            ops.configure(cfg.kernels)
+        ops.configure(cfg.kernels)
 
         train_path, self.knn_train, self.knn_val = quickstart_paths(cfg)
         self.loader = build_loader(cfg.data, index_folder(train_path), self.dist.rank, self.dist.world_size,

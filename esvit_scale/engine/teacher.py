@@ -57,8 +57,7 @@ class TeacherEMA:
 
     @torch.no_grad()
     def __call__(self, crops):
-        with torch.no_grad():
-            return (self.engine or self.module)(crops)
+        return (self.engine or self.module)(crops)
 
     # ------------------------------------------------------------------ full weights, one parameter at a time
 
