@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 PREFETCH = 2
 
 
+def _plugin_loaded(required: bool) -> bool:
+    from esvit_scale.data import dali_plugin
+    if dali_plugin.available():
+        return True
+    if required:
+        raise RuntimeError("plugin=True, but the esvit_multi_crop DALI plugin could not be built or loaded "
+                           "(see the log)")
+    return False
+
+
 @dataclass
 class BatchRecord:
     """What was fed for one batch (kept for error recovery and as a test/debug hook)."""
@@ -48,13 +58,16 @@ class BatchRecord:
 
 class DaliMultiCropLoader:
     def __init__(self, index: ImageIndex, data: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device_id: int | None = None, num_threads: int | None = None):
+                 device_id: int | None = None, num_threads: int | None = None, plugin: bool | None = None):
+        """`plugin`: run the CPU graph's crops in the esvit_multi_crop operator (dali_plugin); None: when it
+        builds and loads. Ignored on a GPU (device_id set)."""
         self.index, self.paths, self.seed = index, index.paths, seed
         self.specs = crop_specs(data)
         self.order = ShardedOrder(len(index), data.batch_size_per_gpu, rank, world_size, seed)
         self.batch_size = data.batch_size_per_gpu
         self.device_id = device_id
         self.num_threads = max(1, num_threads if num_threads is not None else data.num_workers)
+        self.plugin = device_id is None and plugin is not False and _plugin_loaded(required=bool(plugin))
         self.unusable: dict[int, str] = {}          # index -> reason, found while reading
         self.last_batch: BatchRecord | None = None  # the batch most recently yielded
         self._check_folder()
@@ -118,6 +131,8 @@ class DaliMultiCropLoader:
             b, requested = next(batches)       # StopIteration ends the epoch for DALI
             rec = self._record(epoch, b, requested)
             fed.append(rec)
+            if self.plugin:
+                return rec.data, rec.params
             taps = [[dali_params.blur_taps(p[c, dali_params.SIGMA] if p[c, dali_params.BLUR] else 0.0)
                      for p in rec.params] for c in range(len(self.specs))]
             return (rec.data, rec.params, *taps)
@@ -125,7 +140,7 @@ class DaliMultiCropLoader:
 
     def _build(self, epoch: int, start_batch: int, fed: deque):
         from esvit_scale.data.dali_pipeline import multicrop_pipeline
-        pipe = multicrop_pipeline(specs=self.specs, gpu=self.device_id is not None,
+        pipe = multicrop_pipeline(specs=self.specs, gpu=self.device_id is not None, plugin=self.plugin,
                                   source=self._source(epoch, start_batch, fed),
                                   batch_size=self.batch_size, num_threads=self.num_threads,
                                   device_id=self.device_id, prefetch_queue_depth=PREFETCH,
