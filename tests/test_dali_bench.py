@@ -26,10 +26,12 @@ def test_loader_benchmark_reports_both_loaders(tmp_path):
     bench.add_arguments(parser)
     out = tmp_path / "loader.json"
     args = parser.parse_args(["--num-images", "12", "--batch-size", "4", "--workers", "1", "--global-size", "32",
-                              "--local-size", "16", "--local-number", "2", "--epochs", "1", "--json", str(out)])
+                              "--local-size", "16", "--local-number", "2", "--epochs", "1", "--json", str(out),
+                              "--loaders", "torch,dali,dali_stock"])
     bench.run(args)
     report = json.loads(out.read_text())
-    assert set(report["loaders"]) == {"torch", "dali"}
+    assert set(report["loaders"]) == {"torch", "dali", "dali_stock"}
+    assert report["dali_cpu_operators"] in ("esvit_multi_crop plugin", "DALI stock")
     for r in report["loaders"].values():
         assert r["images"] == 12 and r["images_per_s"] > 0      # 3 batches of 4 per timed epoch
     assert report["speedup_vs_torch"] == pytest.approx(

@@ -47,7 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--local-number", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3,
                         help="timed epochs per loader (after one warm-up), alternating")
-    parser.add_argument("--loaders", default="torch,dali")
+    parser.add_argument("--loaders", default="torch,dali",
+                        help="comma-separated: torch, dali, dali_stock (DALI without the esvit_multi_crop plugin)")
     parser.add_argument("--json", default=None, help="write the results here")
 
 
@@ -117,14 +118,15 @@ def run(args) -> dict:
     torch.set_num_threads(1)                  # the main process only collates/copies
     loaders = {}
     for name in args.loaders.split(","):
-        if name == "dali":
+        if name in ("dali", "dali_stock"):
             from esvit_scale.data.dali_loader import DaliMultiCropLoader
-            loader = DaliMultiCropLoader(index, data, seed=0, device_id=None)
+            loader = DaliMultiCropLoader(index, data, seed=0, device_id=None,
+                                         plugin=False if name == "dali_stock" else None)
         elif name == "torch":
             from esvit_scale.data.torch_loader import TorchMultiCropLoader
             loader = TorchMultiCropLoader(index, data, seed=0, pin_memory=False)
         else:
-            raise SystemExit(f"unknown loader {name!r} (torch, dali)")
+            raise SystemExit(f"unknown loader {name!r} (torch, dali, dali_stock)")
         loaders[name] = loader
     results = _time_loaders(loaders, args.epochs)
     report = {
@@ -136,13 +138,16 @@ def run(args) -> dict:
         "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "loaders": results,
     }
+    if "dali" in loaders:
+        report["dali_cpu_operators"] = "esvit_multi_crop plugin" if loaders["dali"].plugin else "DALI stock"
     if "dali" in results and "torch" in results:
         report["speedup_vs_torch"] = round(results["dali"]["images_per_s"] / results["torch"]["images_per_s"], 2)
-    print(f"{'loader':8s} {'images/s':>10s} {'images':>8s} {'seconds':>9s} {'CPU ms/image':>13s}")
+    print(f"{'loader':10s} {'images/s':>10s} {'images':>8s} {'seconds':>9s} {'CPU ms/image':>13s}")
     for name, r in results.items():
-        print(f"{name:8s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} {r['cpu_ms_per_image']:13.1f}")
+        print(f"{name:10s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} {r['cpu_ms_per_image']:13.1f}")
     if "speedup_vs_torch" in report:
-        print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x   "
+        print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x, DALI CPU operators: "
+              f"{report['dali_cpu_operators']}   "
               f"(1-min load average {report['load_average_1min']['start']} -> {report['load_average_1min']['end']})")
     if args.json:
         with open(args.json, "w") as f:
