@@ -76,6 +76,36 @@ void argmax_impl(const at::Tensor& student, const at::Tensor& teacher, at::Tenso
   });
 }
 
+// Rows of K per task of the thread pool: at least 2^15 elements (a fork/join costs microseconds).
+inline int64_t rows_per_task(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
+
+// The row loops stand alone (plain arguments, no lambda captures) so that GCC vectorises them, exp included.
+// One row: s the K logits, t the K teacher probabilities -> lse of s / T, sum(t), sum_k -t_k log_softmax(s / T)_k.
+template <typename T>
+inline void ce_row_forward(const T* s, const T* t, int64_t K, T inv_t, T& lse, T& tsum, T& loss) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < K; ++k) m = s[k] > m ? s[k] : m;
+  const T ms = m * inv_t;
+  T se = 0, st = 0, sts = 0;
+#pragma omp simd reduction(+ : se, st, sts)
+  for (int64_t k = 0; k < K; ++k) {
+    se += exp_vec(s[k] * inv_t - ms);
+    st += t[k];
+    sts += t[k] * s[k];
+  }
+  lse = ms + std::log(se);
+  tsum = st;
+  loss = lse * st - sts * inv_t;  // sum_k -t_k (s_k / T - lse)
+}
+
+// o = g / T * (softmax(s / T) * sum(t) - t), with gst = g / T * sum(t) and g_t = g / T
+template <typename T>
+inline void ce_row_backward(const T* s, const T* t, T* o, int64_t K, T inv_t, T lse, T gst, T g_t) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) o[k] = gst * exp_vec(s[k] * inv_t - lse) - g_t * t[k];
+}
+
 template <typename scalar_t>
 void ce_forward_impl(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index, double temp,
                      at::Tensor& rows, at::Tensor& lse, at::Tensor& tsum) {
@@ -84,26 +114,9 @@ void ce_forward_impl(const at::Tensor& logits, const at::Tensor& probs, const at
   const int64_t* idx = index.data_ptr<int64_t>();
   scalar_t *rows_p = rows.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>(), *ts_p = tsum.data_ptr<scalar_t>();
   const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temp);
-  at::parallel_for(0, N * Ls, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* s = s_p + r * K;
-      const scalar_t* t = t_p + ((r / Ls) * Lt + idx[r]) * K;
-      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-#pragma omp simd reduction(max : m)
-      for (int64_t k = 0; k < K; ++k) m = std::max(m, s[k]);
-      const scalar_t ms = m * inv_t;
-      scalar_t se = 0, st = 0, sts = 0;
-#pragma omp simd reduction(+ : se, st, sts)
-      for (int64_t k = 0; k < K; ++k) {
-        se += exp_vec(s[k] * inv_t - ms);
-        st += t[k];
-        sts += t[k] * s[k];
-      }
-      const scalar_t l = ms + std::log(se);
-      lse_p[r] = l;
-      ts_p[r] = st;
-      rows_p[r] = l * st - sts * inv_t;  // sum_k -t_k (s_k / T - lse)
-    }
+  at::parallel_for(0, N * Ls, rows_per_task(K), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      ce_row_forward(s_p + r * K, t_p + ((r / Ls) * Lt + idx[r]) * K, K, inv_t, lse_p[r], ts_p[r], rows_p[r]);
   });
 }
 
@@ -118,14 +131,11 @@ void ce_backward_impl(const at::Tensor& grad_rows, const at::Tensor& logits, con
   const int64_t* idx = index.data_ptr<int64_t>();
   scalar_t* out = grad.data_ptr<scalar_t>();
   const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temp);
-  at::parallel_for(0, N * Ls, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * Ls, rows_per_task(K), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* s = s_p + r * K;
-      const scalar_t* t = t_p + ((r / Ls) * Lt + idx[r]) * K;
-      scalar_t* o = out + r * K;
-      const scalar_t g = g_p[r] * inv_t, l = lse_p[r], gst = g * ts_p[r];
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) o[k] = gst * exp_vec(s[k] * inv_t - l) - g * t[k];
+      const scalar_t g = g_p[r] * inv_t;
+      ce_row_backward(s_p + r * K, t_p + ((r / Ls) * Lt + idx[r]) * K, out + r * K, K, inv_t, lse_p[r],
+                      g * ts_p[r], g);
     }
   });
 }

@@ -1,11 +1,20 @@
-// Fused window attention on the CPU: forward and backward, one (window, head) tile per task, OpenMP over
-// tiles (dynamic schedule: robust to a busy core). A tile's N x N scores live in a per-thread scratch buffer (56 x 56 for W=7, 200 x 200 for W=14), never
-// in a (B_, H, N, N) tensor; the backward recomputes them from q, k and the saved log-sum-exp. The small
-// matrix products run a register-blocked 4 x 8 kernel on zero-padded tiles (vectorised by the compiler).
+// Fused window attention on the CPU: forward and backward, one (window, head) tile per task, OpenMP over tiles
+// (dynamic schedule: robust to a busy core; fewer threads for small calls). A tile's N x N scores live in a
+// per-thread scratch buffer, never in a (B_, H, N, N) tensor; the backward recomputes them from q, k and the
+// saved log-sum-exp. Each of the 7 products is a small GEMM on 6 x 16 register blocks whose A operand is read
+// through two strides, so q, k, v, dO and the transposes dS^T, P^T are read in place and out / dqkv written in
+// place (head dims that are a multiple of the vector width); only k^T and v^T are copied per tile.
 #include <ATen/Parallel.h>
 #include <omp.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -42,192 +51,340 @@ WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& tabl
 
 namespace {
 
-inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Additive score terms of every (window, head), computed once per call: bm (nW, H, N, Np) =
-// table[rel_index[i, j], h] + shift mask of window w; -inf for padded keys and padding columns j >= N.
+// One AVX2 register with -mavx2, two SSE ones otherwise (GCC vector extensions; an alias template would drop the
+// attribute on the dependent type).
 template <typename T>
-std::vector<T> bias_mask(const T* table, const int64_t* rel, const int32_t* region, const WindowShape& s,
-                         int64_t Np) {
-  const int64_t N = s.N, H = s.H;
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  std::vector<T> bm(s.nW * H * N * Np, neg_inf);
-  for (int64_t w = 0; w < s.nW; ++w) {
-    const int32_t* r = region ? region + w * N : nullptr;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t i = 0; i < N; ++i) {
-        T* row = bm.data() + ((w * H + h) * N + i) * Np;
-        for (int64_t j = 0; j < N; ++j) {
-          if (r && r[j] < 0) continue;  // padded key: stays -inf
-          row[j] = table[rel[i * N + j] * H + h] + (r && r[i] >= 0 && r[i] != r[j] ? T(-100) : T(0));
-        }
-      }
+struct VecOf;
+template <>
+struct VecOf<float> { typedef float type __attribute__((vector_size(32))); };
+template <>
+struct VecOf<double> { typedef double type __attribute__((vector_size(32))); };
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);
+
+// C[r, :] = alpha * sum_k A(r, k) B[k, :] for MR rows and NV vectors of columns, all in registers over the k loop.
+// A(r, k) = a[r * ars + k * aks]: any strides, so transposed operands are read in place.
+template <typename T, int MR, int NV>
+inline void micro_kernel(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K,
+                         T alpha) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[MR][NV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T> bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * ldb + v * L, sizeof(Vec<T>));
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T ar = a[r * ars + k * aks];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+    }
   }
-  return bm;
-}
-
-// S[i, :] += bm[i, :] for the N real rows (leading dim Np for both).
-template <typename T>
-void add_bias_mask(T* S, const T* bm, int64_t N, int64_t Np) {
-  for (int64_t i = 0; i < N; ++i) {
-#pragma omp simd
-    for (int64_t j = 0; j < Np; ++j) S[i * Np + j] += bm[i * Np + j];
-  }
-}
-
-// C (M x Nc) = alpha * A (M x K) @ B (K x Nc); row-major with leading dims lda, ldb, ldc; M % 4 == 0 and
-// Nc % 8 == 0 (the tiles are zero-padded). A 4-row x 32-byte block of C stays in registers over the K loop
-// (GCC vector extensions: AVX2 with -mavx2, pairs of SSE registers otherwise).
-template <typename T>
-void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Nc,
-          T alpha) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int L = 32 / sizeof(T);  // 8 floats or 4 doubles
-  for (int64_t i = 0; i < M; i += 4)
-    for (int64_t j = 0; j < Nc; j += L) {
-      V c0 = {}, c1 = {}, c2 = {}, c3 = {};
-      const T *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-      for (int64_t k = 0; k < K; ++k) {
-        V b;
-        std::memcpy(&b, B + k * ldb + j, sizeof(V));
-        c0 += a0[k] * b;
-        c1 += a1[k] * b;
-        c2 += a2[k] * b;
-        c3 += a3[k] * b;
-      }
-      c0 *= alpha, c1 *= alpha, c2 *= alpha, c3 *= alpha;
-      std::memcpy(C + i * ldc + j, &c0, sizeof(V));
-      std::memcpy(C + (i + 1) * ldc + j, &c1, sizeof(V));
-      std::memcpy(C + (i + 2) * ldc + j, &c2, sizeof(V));
-      std::memcpy(C + (i + 3) * ldc + j, &c3, sizeof(V));
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] *= alpha;
+      std::memcpy(c + r * ldc + v * L, &acc[r][v], sizeof(Vec<T>));
     }
 }
 
-// Bt (cols x rows) = A (rows x cols), both with leading dim ld.
-template <typename T>
-void transpose(const T* A, T* Bt, int64_t n, int64_t ld) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) Bt[j * ld + i] = A[i * ld + j];
+template <typename T, int NV>
+void gemm_rows(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t M,
+               int64_t K, T alpha) {
+  int64_t i = 0;
+  for (; i + 6 <= M; i += 6) micro_kernel<T, 6, NV>(a + i * ars, ars, aks, b, ldb, c + i * ldc, ldc, K, alpha);
+  a += i * ars, c += i * ldc;
+  switch (M - i) {
+    case 5: micro_kernel<T, 5, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
+    case 4: micro_kernel<T, 4, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
+    case 3: micro_kernel<T, 3, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
+    case 2: micro_kernel<T, 2, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
+    case 1: micro_kernel<T, 1, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
+  }
 }
 
-// Per-thread tiles of one (window, head), zero-padded to Np = round8(N) rows/keys and Dp = round8(D) channels.
+// C (M x NC) = alpha * A (M x K) @ B (K x NC), B and C row-major (leading dims ldb, ldc), NC a multiple of the
+// vector width; 6 x 16 float register blocks (12 accumulators), a last 8-wide column block if needed.
 template <typename T>
-struct Tile {
+void gemm(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t M, int64_t K,
+          int64_t NC, T alpha) {
+  constexpr int L = kLanes<T>;
+  int64_t j = 0;
+  for (; j + 2 * L <= NC; j += 2 * L) gemm_rows<T, 2>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, alpha);
+  if (j < NC) gemm_rows<T, 1>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, alpha);
+}
+
+// The additive score terms, built once per call, Np = N rounded up to the vector width:
+//   bias (H, N, Np): table[rel_index[i, j], h]; -inf in the padding columns j >= N
+//   mask (nW, N, Np): -inf for padded keys, -100 across shift regions, 0 otherwise (one zero window without region)
+template <typename T>
+std::vector<T> make_bias(const T* table, const int64_t* rel, const WindowShape& s, int64_t Np) {
+  std::vector<T> bias(s.H * s.N * Np, -std::numeric_limits<T>::infinity());
+  for (int64_t h = 0; h < s.H; ++h)
+    for (int64_t i = 0; i < s.N; ++i)
+      for (int64_t j = 0; j < s.N; ++j) bias[(h * s.N + i) * Np + j] = table[rel[i * s.N + j] * s.H + h];
+  return bias;
+}
+
+template <typename T>
+std::vector<T> make_mask(const int32_t* region, const WindowShape& s, int64_t Np) {
+  const int64_t N = s.N, nW = region ? s.nW : 1;
+  std::vector<T> mask(nW * N * Np, T(0));
+  if (!region) return mask;
+  at::parallel_for(0, nW, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int32_t* r = region + w * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j)
+          mask[(w * N + i) * Np + j] = r[j] < 0 ? -std::numeric_limits<T>::infinity()
+                                                : (r[i] >= 0 && r[i] != r[j] ? T(-100) : T(0));
+    }
+  });
+  return mask;
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block of floats (AVX shuffles; scalar without AVX).
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+#if defined(__AVX__)
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 2 * j + 1] = _mm256_shuffle_ps(t[i + j], t[i + j + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+#endif
+}
+
+// Per-thread scratch of one (window, head) tile. kt, vt: k^T, v^T (D, Np), zero beyond N. s, p: (N, Np) scores.
+// When the head dim is not a multiple of the vector width, q, k, v, dO are copied into (N, Dp) zero-padded tiles
+// and the results go through o (N, Dp); otherwise they are read and written in place.
+template <typename T>
+struct Scratch {
   int64_t N, D, Np, Dp;
+  bool direct;
   std::vector<T> buf;
-  T *Q, *K, *Kt, *V, *Vt, *G, *S, *P, *St, *Pt, *dQ, *dK, *dV;
-  Tile(int64_t n, int64_t d) : N(n), D(d), Np(round8(n)), Dp(round8(d)) {
-    const int64_t nd = Np * Dp, nn = Np * Np;
-    buf.assign(9 * nd + 4 * nn, T(0));
-    T* p = buf.data();
-    for (T** t : {&Q, &K, &Kt, &V, &Vt, &G, &dQ, &dK, &dV}) *t = p, p += nd;
-    for (T** t : {&S, &P, &St, &Pt}) *t = p, p += nn;
+  T *kt, *vt, *s, *p, *q, *k, *v, *g, *o;
+  Scratch(int64_t n, int64_t d) : N(n), D(d), Np(round_up(n, kLanes<T>)), Dp(round_up(d, kLanes<T>)) {
+    direct = Dp == D;
+    const int64_t padded = direct ? 0 : N * Dp;
+    buf.assign(2 * D * Np + 2 * N * Np + 5 * padded, T(0));
+    T* ptr = buf.data();
+    for (T** t : {&kt, &vt}) *t = ptr, ptr += D * Np;
+    for (T** t : {&s, &p}) *t = ptr, ptr += N * Np;
+    for (T** t : {&q, &k, &v, &g, &o}) *t = ptr, ptr += padded;
   }
-  // q, k, v of tile (b, h) from the (B_, N, 3, H, D) layout; Kt and Vt are (Dp, Np).
-  void load(const T* qkv, int64_t b, int64_t h, int64_t H) {
-    const int64_t row = 3 * H * D;
-    for (int64_t n = 0; n < N; ++n) {
-      const T* base = qkv + (b * N + n) * row + h * D;
-      for (int64_t d = 0; d < D; ++d) {
-        Q[n * Dp + d] = base[d];
-        K[n * Dp + d] = Kt[d * Np + n] = base[H * D + d];
-        V[n * Dp + d] = Vt[d * Np + n] = base[2 * H * D + d];
-      }
+  // x^T (D, Np) from rows of stride ld (float: 8 x 8 blocks, the rest element by element)
+  void transpose_in(const T* x, int64_t ld, T* xt) const {
+    int64_t n0 = 0, d0 = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      n0 = N / 8 * 8, d0 = D / 8 * 8;
+      for (int64_t n = 0; n < n0; n += 8)
+        for (int64_t d = 0; d < d0; d += 8) transpose8x8(x + n * ld + d, ld, xt + d * Np + n, Np);
     }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t d = n < n0 ? d0 : 0; d < D; ++d) xt[d * Np + n] = x[n * ld + d];
+  }
+  // a matrix operand (N, D) of row stride ld: in place, or copied into `pad` (N, Dp)
+  std::pair<const T*, int64_t> operand(const T* x, int64_t ld, T* pad) const {
+    if (direct) return {x, ld};
+    for (int64_t n = 0; n < N; ++n) std::copy(x + n * ld, x + n * ld + D, pad + n * Dp);
+    return {pad, Dp};
+  }
+  // where a result (N, D) of row stride ld is written, and copying it there when it went through o
+  std::pair<T*, int64_t> result(T* x, int64_t ld) const {
+    return direct ? std::make_pair(x, ld) : std::make_pair(o, Dp);
+  }
+  void store(T* x, int64_t ld) const {
+    if (direct) return;
+    for (int64_t n = 0; n < N; ++n) std::copy(o + n * Dp, o + n * Dp + D, x + n * ld);
   }
 };
 
+// Threads for a call: one per 2^18 multiply-adds at least (a fork/join costs microseconds, more on a busy machine).
+inline int threads_for(const WindowShape& s) {
+  const int64_t work = s.B * s.H * s.N * s.N * std::max<int64_t>(s.D, 8) * 7;
+  return static_cast<int>(std::clamp<int64_t>(work >> 18, 1, at::get_num_threads()));
+}
+
+// Tiles [0, total) handed out in chunks from a shared counter, so a thread on a busy core just takes fewer. Each
+// thread also knows the tile it runs next (`next`, -1 at the end) and prefetches its rows while on the current one:
+// a tile's rows are 3*H*D apart in qkv, a pattern the hardware prefetchers do not follow.
+class TaskQueue {
+ public:
+  TaskQueue(int64_t total, int64_t chunk) : total_(total), chunk_(chunk) {}
+  struct Cursor {
+    TaskQueue& q;
+    int64_t task, end, next = -1, next_end = 0;
+    explicit Cursor(TaskQueue& queue) : q(queue) { q.grab(task, end), plan(); }
+    void plan() {
+      if (task < 0) next = -1;
+      else if (task + 1 < end) next = task + 1, next_end = end;
+      else q.grab(next, next_end);
+    }
+    void advance() { task = next, end = next_end, plan(); }
+  };
+
+ private:
+  void grab(int64_t& start, int64_t& stop) {
+    start = counter_.fetch_add(chunk_);
+    stop = std::min(start + chunk_, total_);
+    if (start >= total_) start = -1;
+  }
+  std::atomic<int64_t> counter_{0};
+  const int64_t total_, chunk_;
+};
+
+inline int64_t chunk_for(const WindowShape& s) { return std::max<int64_t>(1, 32768 / (s.N * s.N * s.D)); }
+
+// Row n of the (N, D) block x (row stride ld) into the cache.
+template <typename T>
+inline void prefetch_row(const T* x, int64_t ld, int64_t n, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(x + n * ld + d);
+}
+
+// x += b + m over one score row of n (a positive multiple of the vector width); returns max(x).
+template <typename T>
+inline T add_row_max(T* x, const T* b, const T* m, int64_t n) {
+  constexpr int L = kLanes<T>;
+  Vec<T> mx, v, bv, mv;
+  for (int64_t j = 0; j < n; j += L) {
+    std::memcpy(&v, x + j, sizeof v), std::memcpy(&bv, b + j, sizeof v), std::memcpy(&mv, m + j, sizeof v);
+    v += bv + mv;
+    std::memcpy(x + j, &v, sizeof v);
+    mx = j == 0 ? v : (v > mx ? v : mx);
+  }
+  T r = mx[0];
+  for (int l = 1; l < L; ++l) r = std::max(r, mx[l]);
+  return r;
+}
+
 // Forward over all tiles: out (B_, N, H*D), lse (B_, H, N).
 template <typename T>
-void forward_impl(const WindowShape& s, const T* qkv, const T* bm, T scale, T* out, T* lse) {
-  const int64_t N = s.N, D = s.D;
-#pragma omp parallel num_threads(at::get_num_threads())
+void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const T* mask, int64_t mask_windows, T scale,
+                  T* out, T* lse) {
+  const int64_t N = s.N, D = s.D, HD = s.H * s.D, row = 3 * HD;
+  TaskQueue queue(s.B * s.H, chunk_for(s));
+#pragma omp parallel num_threads(threads_for(s))
   {
-    Tile<T> t(N, D);
-    const int64_t Np = t.Np, Dp = t.Dp;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t task = 0; task < s.B * s.H; ++task) {
-      const int64_t b = task / s.H, h = task % s.H;
-      t.load(qkv, b, h, s.H);
-      gemm(t.Q, Dp, t.Kt, Np, t.S, Np, Np, Dp, Np, scale);                   // S = scale q k^T
-      add_bias_mask(t.S, bm + ((b % s.nW) * s.H + h) * N * Np, N, Np);
-      T* l = lse + task * N;
-      for (int64_t i = 0; i < N; ++i) {                                        // P = softmax(S) row by row
-        T* p = t.S + i * Np;
-        T m = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < N; ++j) m = std::max(m, p[j]);
+    Scratch<T> t(N, D);
+    const int64_t Np = t.Np;
+    for (TaskQueue::Cursor it(queue); it.task >= 0; it.advance()) {
+      const int64_t b = it.task / s.H, h = it.task % s.H;
+      const T* q = qkv + b * N * row + h * D;
+      t.transpose_in(q + HD, row, t.kt);
+      const auto [qa, lq] = t.operand(q, row, t.q);
+      const auto [vb, lv] = t.operand(q + 2 * HD, row, t.v);
+      gemm(qa, lq, int64_t(1), t.kt, Np, t.s, Np, N, D, Np, scale);          // S = scale q k^T
+      const T* bh = bias + h * N * Np;
+      const T* mw = mask + (b % mask_windows) * N * Np;
+      T* l = lse + it.task * N;
+      const T* q_next = it.next < 0 ? nullptr : qkv + (it.next / s.H) * N * row + (it.next % s.H) * D;
+      for (int64_t i = 0; i < N; ++i) {                                        // P = softmax(S + bias + mask)
+        if (q_next)
+          for (int64_t part = 0; part < 3; ++part) prefetch_row(q_next + part * HD, row, i, D);
+        T* x = t.s + i * Np;
+        const T m = add_row_max(x, bh + i * Np, mw + i * Np, Np);
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < Np; ++j) {
-          p[j] = exp_vec(p[j] - m);
-          sum += p[j];
+          x[j] = exp_vec(x[j] - m);
+          sum += x[j];
         }
         l[i] = m + std::log(sum);
         const T inv = T(1) / sum;
 #pragma omp simd
-        for (int64_t j = 0; j < Np; ++j) p[j] *= inv;
+        for (int64_t j = 0; j < Np; ++j) x[j] *= inv;
       }
-      gemm(t.S, Np, t.V, Dp, t.dQ, Dp, Np, Np, Dp, T(1));                     // O = P v (rows >= N unused)
-      for (int64_t n = 0; n < N; ++n)
-        std::copy(t.dQ + n * Dp, t.dQ + n * Dp + D, out + (b * N + n) * s.H * D + h * D);
+      T* o = out + b * N * HD + h * D;
+      const auto [oc, lo] = t.result(o, HD);
+      gemm(t.s, Np, int64_t(1), vb, lv, oc, lo, N, N, t.Dp, T(1));          // O = P v
+      t.store(o, HD);
     }
   }
 }
 
 // Backward over all tiles: dqkv (B_, N, 3, H, D) and per-thread dbias (threads, H, N, N).
 template <typename T>
-void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* out, const T* lse, const T* bm,
-                   T scale, T* dqkv, T* dbias_threads) {
-  const int64_t N = s.N, D = s.D, row = 3 * s.H * s.D;
-#pragma omp parallel num_threads(at::get_num_threads())
+void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* out, const T* lse, const T* bias,
+                   const T* mask, int64_t mask_windows, T scale, T* dqkv, T* dbias_threads) {
+  const int64_t N = s.N, D = s.D, HD = s.H * s.D, row = 3 * HD;
+  TaskQueue queue(s.B * s.H, chunk_for(s));
+#pragma omp parallel num_threads(threads_for(s))
   {
-    Tile<T> t(N, D);
+    Scratch<T> t(N, D);
     const int64_t Np = t.Np, Dp = t.Dp;
     std::vector<T> delta(N);
     T* dbias = dbias_threads + omp_get_thread_num() * s.H * N * N;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t task = 0; task < s.B * s.H; ++task) {
-      const int64_t b = task / s.H, h = task % s.H;
-      t.load(qkv, b, h, s.H);
-      for (int64_t n = 0; n < N; ++n) {                                        // dO and delta = rowsum(dO * O)
-        const T* g = grad + (b * N + n) * s.H * D + h * D;
-        const T* o = out + (b * N + n) * s.H * D + h * D;
+    for (TaskQueue::Cursor it(queue); it.task >= 0; it.advance()) {
+      const int64_t b = it.task / s.H, h = it.task % s.H;
+      const T *q = qkv + b * N * row + h * D, *g = grad + b * N * HD + h * D, *o = out + b * N * HD + h * D;
+      for (int64_t n = 0; n < N; ++n) {                                        // delta = rowsum(dO * O)
         T dl = 0;
-        for (int64_t d = 0; d < D; ++d) t.G[n * Dp + d] = g[d], dl += g[d] * o[d];
+#pragma omp simd reduction(+ : dl)
+        for (int64_t d = 0; d < D; ++d) dl += g[n * HD + d] * o[n * HD + d];
         delta[n] = dl;
       }
-      gemm(t.Q, Dp, t.Kt, Np, t.P, Np, Np, Dp, Np, scale);                   // P = exp(S - lse), recomputed
-      add_bias_mask(t.P, bm + ((b % s.nW) * s.H + h) * N * Np, N, Np);
-      const T* l = lse + task * N;
-      for (int64_t i = 0; i < Np; ++i) {
-        T* p = t.P + i * Np;
-        const T li = i < N ? l[i] : std::numeric_limits<T>::infinity();      // padding rows -> 0
+      t.transpose_in(q + HD, row, t.kt);
+      t.transpose_in(q + 2 * HD, row, t.vt);
+      const auto [qa, lq] = t.operand(q, row, t.q);
+      const auto [kb, lk] = t.operand(q + HD, row, t.k);
+      const auto [ga, lg] = t.operand(g, HD, t.g);
+      gemm(qa, lq, int64_t(1), t.kt, Np, t.p, Np, N, D, Np, scale);          // P = exp(S - lse), recomputed
+      const T* bh = bias + h * N * Np;
+      const T* mw = mask + (b % mask_windows) * N * Np;
+      const T* l = lse + it.task * N;
+      const int64_t bn = it.next / s.H, hn = it.next % s.H;
+      for (int64_t i = 0; i < N; ++i) {
+        if (it.next >= 0) {                                                    // the next tile's dO, O
+          prefetch_row(grad + bn * N * HD + hn * D, HD, i, D);
+          prefetch_row(out + bn * N * HD + hn * D, HD, i, D);
+        }
+        T* x = t.p + i * Np;
+        const T li = l[i];
 #pragma omp simd
-        for (int64_t j = 0; j < Np; ++j) p[j] = exp_vec(p[j] - li);
+        for (int64_t j = 0; j < Np; ++j) x[j] = exp_vec(x[j] + bh[i * Np + j] + mw[i * Np + j] - li);
       }
-      gemm(t.G, Dp, t.Vt, Np, t.S, Np, Np, Dp, Np, T(1));                    // dP = dO v^T
+      gemm(ga, lg, int64_t(1), t.vt, Np, t.s, Np, N, D, Np, T(1));           // dP = dO v^T
       T* db = dbias + h * N * N;
       for (int64_t i = 0; i < N; ++i) {                                        // dS = P (dP - delta)
-        T* ds = t.S + i * Np;
-        const T* p = t.P + i * Np;
+        if (it.next >= 0)                                                      // the next tile's q, k, v
+          for (int64_t part = 0; part < 3; ++part)
+            prefetch_row(qkv + bn * N * row + part * HD + hn * D, row, i, D);
+        T* ds = t.s + i * Np;
+        const T* p = t.p + i * Np;
         const T di = delta[i];
 #pragma omp simd
         for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - di);
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) db[i * N + j] += ds[j];
       }
-      std::fill(t.S + N * Np, t.S + Np * Np, T(0));
-      transpose(t.S, t.St, Np, Np);
-      transpose(t.P, t.Pt, Np, Np);
-      gemm(t.S, Np, t.K, Dp, t.dQ, Dp, Np, Np, Dp, scale);                   // dQ = scale dS k
-      gemm(t.St, Np, t.Q, Dp, t.dK, Dp, Np, Np, Dp, scale);                  // dK = scale dS^T q
-      gemm(t.Pt, Np, t.G, Dp, t.dV, Dp, Np, Np, Dp, T(1));                   // dV = P^T dO
-      for (int64_t n = 0; n < N; ++n) {
-        T* base = dqkv + (b * N + n) * row + h * D;
-        std::copy(t.dQ + n * Dp, t.dQ + n * Dp + D, base);
-        std::copy(t.dK + n * Dp, t.dK + n * Dp + D, base + s.H * D);
-        std::copy(t.dV + n * Dp, t.dV + n * Dp + D, base + 2 * s.H * D);
-      }
+      T* dq = dqkv + b * N * row + h * D;
+      auto [c, lc] = t.result(dq, row);
+      gemm(t.s, Np, int64_t(1), kb, lk, c, lc, N, N, Dp, scale);            // dQ = scale dS k
+      t.store(dq, row);
+      std::tie(c, lc) = t.result(dq + HD, row);
+      gemm(t.s, int64_t(1), Np, qa, lq, c, lc, N, N, Dp, scale);            // dK = scale dS^T q
+      t.store(dq + HD, row);
+      std::tie(c, lc) = t.result(dq + 2 * HD, row);
+      gemm(t.p, int64_t(1), Np, ga, lg, c, lc, N, N, Dp, T(1));             // dV = P^T dO
+      t.store(dq + 2 * HD, row);
     }
   }
 }
@@ -245,11 +402,12 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
   at::Tensor out = at::empty({s.B, s.N, s.H * s.D}, qkv.options());
   at::Tensor lse = at::empty({s.B, s.H, s.N}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_forward_cpu", [&] {
-    const std::vector<scalar_t> bm = bias_mask(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(),
-                                               region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr, s,
-                                               round8(s.N));
-    forward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), bm.data(), static_cast<scalar_t>(scale),
-                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    const int64_t Np = round_up(s.N, kLanes<scalar_t>);
+    const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
+    const std::vector<scalar_t> bias = make_bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
+    const std::vector<scalar_t> mask = make_mask<scalar_t>(reg, s, Np);
+    forward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), bias.data(), mask.data(), reg ? s.nW : 1,
+                           static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
   });
   return {out, lse};
 }
@@ -266,17 +424,18 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
   const at::Tensor region = region_in.contiguous(), grad = grad_in.contiguous().to(qkv.scalar_type());
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor dqkv = at::empty_like(qkv);
-  const int nthreads = at::get_num_threads();
-  at::Tensor dbias_threads = at::zeros({nthreads, s.H, s.N, s.N}, qkv.options());
+  at::Tensor dbias_threads = at::zeros({threads_for(s), s.H, s.N, s.N}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_backward_cpu", [&] {
-    const std::vector<scalar_t> bm = bias_mask(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(),
-                                               region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr, s,
-                                               round8(s.N));
+    const int64_t Np = round_up(s.N, kLanes<scalar_t>);
+    const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
+    const std::vector<scalar_t> bias = make_bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
+    const std::vector<scalar_t> mask = make_mask<scalar_t>(reg, s, Np);
     backward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            lse.data_ptr<scalar_t>(), bm.data(), static_cast<scalar_t>(scale),
-                            dqkv.data_ptr<scalar_t>(), dbias_threads.data_ptr<scalar_t>());
+                            lse.data_ptr<scalar_t>(), bias.data(), mask.data(), reg ? s.nW : 1,
+                            static_cast<scalar_t>(scale), dqkv.data_ptr<scalar_t>(),
+                            dbias_threads.data_ptr<scalar_t>());
   });
-  return {dqkv, dbias_threads.sum(0)};
+  return {dqkv, dbias_threads.size(0) == 1 ? dbias_threads[0] : dbias_threads.sum(0)};
 }
 
 }  // namespace esvit
