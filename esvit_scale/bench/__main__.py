@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS = {
     "kernels": "esvit_scale.bench.kernels",   # fused ops vs reference (and timm) at Swin-T shapes
     "loader": "esvit_scale.bench.loader",     # DALI vs torch/PIL multi-crop loader
+    "train": "esvit_scale.bench.train",       # training steps, kernels on vs off
 }
 
 

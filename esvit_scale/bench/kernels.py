@@ -27,6 +27,7 @@ from esvit_scale.ops.region_matching import (
 from esvit_scale.ops.swin_attention import install_window_attention, window_layout
 from esvit_scale.ops.window_attention import window_attention, window_attention_reference
 
+CASES = ("window_attention", "region_matching", "region_loss_step")
 # Swin-T at 224 px: (feature map side, channels, heads, shifted) of the blocks of each stage; window 7.
 SWIN_T_STAGES = [(56, 96, 3, True), (28, 192, 6, True), (14, 384, 12, True), (7, 768, 24, False)]
 
@@ -37,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="images per window-attention call")
     parser.add_argument("--ce-batch", type=int, default=8, help="images per region-matching call")
     parser.add_argument("--K", type=int, default=65536, help="prototypes of the region head")
+    parser.add_argument("--step-batch", type=int, default=4, help="images of the training-step region-loss case")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases to run")
 
 
 # --- measurement ---------------------------------------------------------------------------------------
@@ -198,9 +201,63 @@ def bench_region_matching(args, device: torch.device) -> list[dict]:
     return results
 
 
+def bench_region_loss_step(args, device: torch.device) -> dict:
+    """The region loss as one training step runs it: 18 matched-CE terms forward, summed, then one backward.
+
+    Student region logits of 2 global crops (49 tokens: the 7x7 map of Swin-T at 224 px) and 8 local crops (9
+    tokens, 3x3), one tensor per resolution chunked per crop like EsViT.forward (their gradient is what flows into
+    the region head); teacher probabilities of the 2 global crops; every crop against each teacher crop but
+    itself. The reference keeps log_softmax and the gathered target of every term from forward to backward.
+    """
+    N, K, Lg, Ll, n_local = args.step_batch, args.K, 49, 9, 8
+    gen = torch.Generator(device=device).manual_seed(1)
+    logits_global = (3 * torch.randn(2 * N, Lg, K, device=device, generator=gen)).requires_grad_()
+    logits_local = (3 * torch.randn(n_local * N, Ll, K, device=device, generator=gen)).requires_grad_()
+    probs = [torch.softmax(torch.randn(N, Lg, K, device=device, generator=gen) / 0.07, dim=-1) for _ in range(2)]
+    tokens = [Lg] * 2 + [Ll] * n_local
+    feats = [torch.randn(N, L, 768, device=device, generator=gen) for L in tokens]
+    pairs = [(g, v) for g in range(2) for v in range(len(tokens)) if v != g]
+    index = {(g, v): region_argmax_reference(feats[v], feats[g]) for g, v in pairs}
+
+    def loss(ce) -> torch.Tensor:
+        crops = list(logits_global.chunk(2)) + list(logits_local.chunk(n_local))
+        return sum(ce(crops[v], probs[g], index[g, v], 0.1).mean() for g, v in pairs) / len(pairs)
+
+    def step(ce) -> Callable[[], None]:
+        def run():
+            loss(ce).backward()
+            logits_global.grad = logits_local.grad = None   # after the peak: the gradient is part of it
+        return run
+
+    variants = {"fused": matched_soft_cross_entropy, "reference": matched_soft_cross_entropy_reference}
+    ms = time_variants({k: step(ce) for k, ce in variants.items()}, args.rounds, device)
+    mem = {k: peak_memory_mib(step(ce), device) for k, ce in variants.items()}
+    held = {k: retained_memory_mib(lambda ce=ce: loss(ce), device) for k, ce in variants.items()}
+    ratio = (mem["reference"] / mem["fused"]) if mem["fused"] and mem["reference"] is not None else None
+    return {
+        "op": "region_loss_step", "pairs": len(pairs), "images": N, "K": K,
+        "student_logits": [[2 * N, Lg, K], [n_local * N, Ll, K]], "teacher_probs": [[N, Lg, K]] * 2,
+        "logits_mib": round((logits_global.numel() + logits_local.numel()) * logits_global.element_size() / 2**20, 1),
+        "ms": {k: round(v, 3) for k, v in ms.items()},
+        "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
+        "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
+        "memory_ratio_vs_reference": None if ratio is None else round(ratio, 2),
+        "retained_by_forward_mib": {k: round(v, 1) for k, v in held.items()},
+    }
+
+
 def _print_table(report: dict) -> None:
     print(f"device {report['device']}  threads {report['threads']}  backends {report['backends']}  "
           f"load average {report['load_average_before']} -> {report['load_average_after']}")
+    if "window_attention" in report:
+        _print_window_attention(report)
+    if "region_matching" in report:
+        _print_region_matching(report)
+    if "region_loss_step" in report:
+        _print_region_loss_step(report)
+
+
+def _print_window_attention(report: dict) -> None:
     print("window attention, forward + backward, ms (median)")
     print(f"{'map':>7} {'heads':>5} {'fused':>8} {'ref':>8} {'x':>5} | {'blk ours':>8} {'blk ref':>8} "
           f"{'timm':>8} {'sdpa':>8} | {'MiB fused':>9} {'MiB ref':>8}")
@@ -210,6 +267,9 @@ def _print_table(report: dict) -> None:
               f"{m['reference']:>8.1f} {r['speedup_vs_reference']:>5.2f} | {m['block_ours_fused']:>8.1f} "
               f"{m['block_ours_reference']:>8.1f} {m['block_timm']:>8.1f} {m['block_timm_sdpa']:>8.1f} | "
               f"{p['fused'] or float('nan'):>9.1f} {p['reference'] or float('nan'):>8.1f}")
+
+
+def _print_region_matching(report: dict) -> None:
     print("region matching, ms (median)")
     for r in report["region_matching"]:
         shape = r.get("logits_shape") or r.get("student_shape")
@@ -219,6 +279,16 @@ def _print_table(report: dict) -> None:
                ) if "peak_mib" in r else ""
         print(f"  {r['op']:<27} {str(shape):<18} fused {r['ms']['fused']:8.2f}  ref {r['ms']['reference']:8.2f}"
               f"  x{r['speedup_vs_reference']}{mem}")
+
+
+def _print_region_loss_step(report: dict) -> None:
+    r = report["region_loss_step"]
+    print(f"region loss of a training step ({r['pairs']} matched-CE terms, {r['images']} images, K={r['K']}, "
+          f"logits {r['logits_mib']} MiB), forward + backward:")
+    print(f"  ms fused {r['ms']['fused']:.1f} ref {r['ms']['reference']:.1f} (x{r['speedup_vs_reference']}), "
+          f"peak MiB fused {r['peak_mib']['fused']} ref {r['peak_mib']['reference']} "
+          f"(x{r['memory_ratio_vs_reference']}), kept for backward MiB fused {r['retained_by_forward_mib']['fused']}"
+          f" ref {r['retained_by_forward_mib']['reference']}")
 
 
 def run(args) -> None:
@@ -232,9 +302,9 @@ def run(args) -> None:
         "threads": torch.get_num_threads(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
-        "window_attention": bench_window_attention(args, device),
-        "region_matching": bench_region_matching(args, device),
     }
+    for case in args.cases:
+        report[case] = globals()[f"bench_{case}"](args, device)
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     _print_table(report)
     if args.json:

@@ -1,0 +1,123 @@
+"""Training steps with the fused kernels on vs off, side by side in one process.
+
+    python -m esvit_scale.bench train --config configs/quickstart.yaml --json runs/bench_train.json
+
+Builds the student, the EMA teacher and the loss of the config twice from one seed (identical weights):
+`kernels.window_attention` and `kernels.region_matching` on, and both off (the pure-PyTorch references on
+the same attention path). Each variant then runs the steps of train.py on synthetic multi-crop batches of
+the config's shapes: teacher forward, student forward, loss, backward, AdamW step (the trainer's parameter
+groups; plain torch instead of DeepSpeed's stage-0 wrapper), EMA update. Rounds alternate the variants so
+that machine noise hits both alike; the time of a variant is the median over its steps. No data loading.
+The first step's losses of both variants are reported as well: they must agree (same weights, same batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from esvit_scale import ops
+from esvit_scale.config import Config, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of steps, alternating the variants")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+
+
+class Variant:
+    """Student, teacher, loss and optimizer of one kernel setting; `step(crops)` is one training step."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        from esvit_scale.engine.student import parameter_groups
+        from esvit_scale.losses.esvit_loss import EsViTLoss
+        from esvit_scale.models.esvit import EsViT
+
+        self.cfg = cfg
+        torch.manual_seed(cfg.run.seed)
+        self.student = EsViT(cfg).to(device)
+        self.teacher = EsViT(cfg, is_teacher=True).to(device).requires_grad_(False).eval()
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim).to(device)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.student), lr=1e-4, betas=tuple(cfg.optim.betas))
+        self.pairs = [(t, s) for t, s in zip(self.teacher.parameters(), self.student.parameters())]
+
+    def step(self, crops: list[torch.Tensor]) -> dict[str, float]:
+        ops.configure(self.cfg.kernels)        # the region-matching backend is process-wide
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:2])
+        losses = self.loss_fn(self.student(crops), teacher_out, self.cfg.loss.teacher_temp)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_([t for t, _ in self.pairs], [s for _, s in self.pairs], 1.0 - 0.996)
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def synthetic_crops(cfg: Config, device: torch.device, seed: int) -> list[torch.Tensor]:
+    """2 global crops, then the local crops of each size, as the loader hands them out (normalised images)."""
+    d, gen = cfg.data, torch.Generator().manual_seed(seed)
+    sizes = [d.global_crops_size] * 2
+    for size, number in zip(d.local_crops_size, d.local_crops_number):
+        sizes += [size] * number
+    return [torch.randn(d.batch_size_per_gpu, 3, s, s, generator=gen).to(device) for s in sizes]
+
+
+def run(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on = load_config(args.config, args.overrides + ["kernels.window_attention=true", "kernels.region_matching=true"])
+    off = load_config(args.config, args.overrides + ["kernels.window_attention=false",
+                                                     "kernels.region_matching=false"])
+    device = torch.device(on.run.device if on.run.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    variants = {"kernels_on": Variant(on, device), "kernels_off": Variant(off, device)}
+    batch = on.data.batch_size_per_gpu
+    first = {name: v.step(synthetic_crops(on, device, seed=0)) for name, v in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            for i in range(args.steps):
+                crops = synthetic_crops(on, device, seed=1 + r * args.steps + i)
+                sync()
+                t0 = time.perf_counter()
+                variants[name].step(crops)
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    report = {
+        "config": args.config, "overrides": args.overrides, "device": str(device),
+        "cpu": platform.processor() or "cpu", "threads": torch.get_num_threads(),
+        "arch": on.model.arch, "window_size": on.model.window_size, "out_dim": on.model.out_dim,
+        "batch": batch, "global_crops_size": on.data.global_crops_size,
+        "local_crops": list(zip(on.data.local_crops_size, on.data.local_crops_number)),
+        "rounds": args.rounds, "steps_per_round": args.steps,
+        "ms_per_step": {k: round(v, 1) for k, v in ms.items()},
+        "ms_per_step_all": {k: [round(1e3 * t, 1) for t in ts] for k, ts in times.items()},
+        "images_per_s": {k: round(batch * 1e3 / v, 2) for k, v in ms.items()},
+        "speedup_kernels_on": round(ms["kernels_off"] / ms["kernels_on"], 3),
+        "first_step_losses": first,
+        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(f"{args.config} {' '.join(args.overrides)}: batch {batch}, {report['threads']} threads, "
+          f"load average {report['load_average_before']} -> {report['load_average_after']}")
+    for name in variants:
+        print(f"  {name:<12} {ms[name]:8.1f} ms/step  {report['images_per_s'][name]:7.2f} images/s  "
+              f"first-step loss {first[name]['loss']:.6f}")
+    print(f"  kernels on / off speedup x{report['speedup_kernels_on']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
