@@ -114,6 +114,7 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     knn_at_end: bool = False           # run k-NN of the teacher backbone when training ends
+    knn_every_epochs: int = 0          # >0: also after every this many epochs (logged as eval/knn_top1_k<k>)
     train_path: Optional[str] = None   # labelled folders for k-NN; None with data.path None: quickstart's
     val_path: Optional[str] = None
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
@@ -286,4 +287,5 @@ def validate(cfg: Config) -> None:
     need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size", "must be >= 1")
     need(r.max_steps >= 0 and r.checkpoint_every_steps >= 0, "run.max_steps", "must be >= 0")
     need(0 <= r.stop_epoch <= o.epochs, "run.stop_epoch", f"must be in [0, optim.epochs={o.epochs}]")
+    need(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
     need(all(k >= 1 for k in cfg.eval.knn_k) and cfg.eval.knn_k, "eval.knn_k", "must be a list of k >= 1")

@@ -199,6 +199,7 @@ class Trainer:
             if state.batch_in_epoch == self.steps_per_epoch * self.accum:   # the epoch is complete
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 self.save_once()
+                self.knn_during_training()
         self.save_once()
         self.metrics.close()
         return self.finish(preempted)
@@ -236,6 +237,14 @@ class Trainer:
             if state.step >= self.total_steps or state.batch_in_epoch >= batches_per_epoch:
                 break
         return False
+
+    def knn_during_training(self) -> None:
+        every = self.cfg.eval.knn_every_epochs
+        if not every or self.state.epoch % every or self.state.epoch >= self.cfg.optim.epochs:
+            return
+        result = self.knn()
+        for k, acc in (result or {}).items():
+            self.metrics.scalar(f"eval/knn_top1_k{k}", acc, self.state.step)
 
     def check_finite(self, losses: torch.Tensor, epoch: int) -> None:
         if torch.isfinite(losses).all():
