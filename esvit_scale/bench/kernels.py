@@ -3,13 +3,15 @@
     python -m esvit_scale.bench kernels --json runs/bench_kernels.json
 
 Every variant of an op runs in this one process, interleaved round by round; the reported time is the
-median over rounds of one forward + backward. Peak memory is the growth of the process's peak RSS during
-one call on the CPU (VmHWM, reset through /proc/self/clear_refs; glibc is told to return big blocks to the
-OS), torch.cuda.max_memory_allocated on a GPU.
+median over rounds of one forward + backward, with glibc reusing freed blocks as a long run does. Peak memory
+is the growth of the process's peak RSS during one call on the CPU (VmHWM, reset through /proc/self/clear_refs),
+measured in a first pass over the cases in which glibc returns blocks over 64 KiB to the OS when freed;
+torch.cuda.max_memory_allocated on a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -45,14 +47,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # --- measurement ---------------------------------------------------------------------------------------
-def _setup_malloc() -> None:
-    """Fixed mmap threshold: blocks over 64 KiB go back to the OS when freed, so peak RSS tracks tensors."""
+def _mallopt(mmap_threshold: int, trim_threshold: int, trim: bool = False) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 * 1024)   # M_TRIM_THRESHOLD
+        libc.mallopt(-3, mmap_threshold)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)   # M_TRIM_THRESHOLD
+        if trim:
+            libc.malloc_trim(0)            # free heap pages back to the OS: reusing them shows up in RSS
     except OSError:
         pass
+
+
+def _malloc_for_timing() -> None:
+    """glibc's steady state in a long run: blocks up to 32 MiB (its dynamic maximum) reused from the heap."""
+    _mallopt(32 * 2**20, 64 * 2**20)
+
+
+@contextlib.contextmanager
+def _rss_tracks_tensors():
+    """Blocks over 64 KiB mmap'd and given back to the OS when freed, so that RSS follows the tensors (the memory
+    pass, before any timing; see Meter)."""
+    _mallopt(64 * 1024, 64 * 1024, trim=True)
+    try:
+        yield
+    finally:
+        _malloc_for_timing()
 
 
 def _rss_kib(field: str) -> int:
@@ -121,8 +140,47 @@ def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
+class Meter:
+    """One pass over the cases: "memory" first (glibc returns big blocks to the OS, so RSS follows the tensors),
+    then "time" (glibc reuses freed blocks as a long run does; mmap-ing every large block would page-fault afresh
+    on each call and slow most the variants that allocate most, the references). run() merges the two passes."""
+
+    def __init__(self, kind: str, rounds: int, device: torch.device):
+        self.kind, self.rounds, self.device = kind, rounds, device
+
+    def times(self, variants: dict[str, Callable[[], None]], ref: str = "reference", fused: str = "fused") -> dict:
+        if self.kind != "time":
+            return {}
+        ms = time_variants(variants, self.rounds, self.device)
+        return {"ms": {k: round(v, 3) for k, v in ms.items()}, "speedup_vs_reference": round(ms[ref] / ms[fused], 2)}
+
+    def peaks(self, variants: dict[str, Callable[[], None]], held: dict[str, Callable[[], torch.Tensor]] = None
+              ) -> dict:
+        if self.kind != "memory":
+            return {}
+        for fn in variants.values():        # first calls build caches and layouts
+            fn()
+        mem = {k: peak_memory_mib(fn, self.device) for k, fn in variants.items()}
+        out = {"peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()}}
+        if mem.get("fused") and mem.get("reference") is not None:
+            out["memory_ratio_vs_reference"] = round(mem["reference"] / mem["fused"], 2)
+        if held:
+            out["retained_by_forward_mib"] = {k: round(retained_memory_mib(fn, self.device), 1)
+                                              for k, fn in held.items()}
+        return out
+
+
+def _merge(a, b):
+    """The two passes' results, key by key."""
+    if isinstance(a, dict):
+        return {**a, **{k: _merge(a[k], v) if k in a else v for k, v in b.items()}}
+    if isinstance(a, list):
+        return [_merge(x, y) for x, y in zip(a, b)]
+    return b
+
+
 # --- window attention -----------------------------------------------------------------------------------
-def bench_window_attention(args, device: torch.device) -> list[dict]:
+def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dict]:
     results = []
     rel = get_relative_position_index(7, 7).to(device)
     for side, dim, heads, shifted in SWIN_T_STAGES:
@@ -148,22 +206,20 @@ def bench_window_attention(args, device: torch.device) -> list[dict]:
             if name.startswith("ours"):
                 install_window_attention(blk, fused=name == "ours_fused")
             blocks[name] = fwd_bwd(lambda blk=blk: blk._attn(x))
-        ms = time_variants({**op, **{f"block_{k}": v for k, v in blocks.items()}}, args.rounds, device)
-        mem = {k: peak_memory_mib(v, device) for k, v in op.items()}
-        results.append({
-            "stage_map": [side, side], "windows": args.batch * nW, "tokens_per_window": N, "heads": heads,
-            "head_dim": D, "shifted": shifted, "qkv_shape": list(qkv.shape),
-            "ms": {k: round(v, 3) for k, v in ms.items()},
-            "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
-            "block_speedup_vs_timm": round(ms["block_timm"] / ms["block_ours_fused"], 2),
-            "block_speedup_vs_timm_sdpa": round(ms["block_timm_sdpa"] / ms["block_ours_fused"], 2),
-            "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
-        })
+        r = {"stage_map": [side, side], "windows": args.batch * nW, "tokens_per_window": N, "heads": heads,
+             "head_dim": D, "shifted": shifted, "qkv_shape": list(qkv.shape)}
+        r.update(meter.times({**op, **{f"block_{k}": v for k, v in blocks.items()}}))
+        if "ms" in r:
+            ms = r["ms"]
+            r["block_speedup_vs_timm"] = round(ms["block_timm"] / ms["block_ours_fused"], 2)
+            r["block_speedup_vs_timm_sdpa"] = round(ms["block_timm_sdpa"] / ms["block_ours_fused"], 2)
+        r.update(meter.peaks(op))
+        results.append(r)
     return results
 
 
 # --- region matching -------------------------------------------------------------------------------------
-def bench_region_matching(args, device: torch.device) -> list[dict]:
+def bench_region_matching(args, device: torch.device, meter: Meter) -> list[dict]:
     results = []
     gen = torch.Generator(device=device).manual_seed(0)
     N, K = args.ce_batch, args.K
@@ -176,32 +232,18 @@ def bench_region_matching(args, device: torch.device) -> list[dict]:
         index = region_argmax_reference(fs, ft)
         ce = {"fused": fwd_bwd(lambda: matched_soft_cross_entropy(logits, probs, index, 0.1).sum()),
               "reference": fwd_bwd(lambda: matched_soft_cross_entropy_reference(logits, probs, index, 0.1).sum())}
-        ms = time_variants(ce, args.rounds, device)
-        mem = {k: peak_memory_mib(v, device) for k, v in ce.items()}
-        held = {"fused": retained_memory_mib(lambda: matched_soft_cross_entropy(logits, probs, index, 0.1), device),
-                "reference": retained_memory_mib(
-                    lambda: matched_soft_cross_entropy_reference(logits, probs, index, 0.1), device)}
-        am = time_variants({"fused": lambda: region_argmax(fs, ft),
-                            "reference": lambda: region_argmax_reference(fs, ft)}, args.rounds, device)
-        ratio = (mem["reference"] / mem["fused"]) if mem["fused"] and mem["reference"] is not None else None
-        results.append({
-            "op": "matched_soft_cross_entropy", "logits_shape": [N, Ls, K], "probs_shape": [N, Lt, K],
-            "ms": {k: round(v, 3) for k, v in ms.items()},
-            "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
-            "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
-            "memory_ratio_vs_reference": None if ratio is None else round(ratio, 2),
-            # kept alive from forward to backward (x18 calls per step: 2 teachers x 9 other crops)
-            "retained_by_forward_mib": {k: round(v, 1) for k, v in held.items()},
-        })
-        results.append({
-            "op": "region_argmax", "student_shape": [N, Ls, 768], "teacher_shape": [N, Lt, 768],
-            "ms": {k: round(v, 3) for k, v in am.items()},
-            "speedup_vs_reference": round(am["reference"] / am["fused"], 2),
-        })
+        held = {"fused": lambda: matched_soft_cross_entropy(logits, probs, index, 0.1),
+                "reference": lambda: matched_soft_cross_entropy_reference(logits, probs, index, 0.1)}
+        # peak_mib: one call; retained_by_forward_mib: kept alive from forward to backward (18 calls per step)
+        results.append({"op": "matched_soft_cross_entropy", "logits_shape": [N, Ls, K], "probs_shape": [N, Lt, K],
+                        **meter.times(ce), **meter.peaks(ce, held)})
+        results.append({"op": "region_argmax", "student_shape": [N, Ls, 768], "teacher_shape": [N, Lt, 768],
+                        **meter.times({"fused": lambda: region_argmax(fs, ft),
+                                       "reference": lambda: region_argmax_reference(fs, ft)})})
     return results
 
 
-def bench_region_loss_step(args, device: torch.device) -> dict:
+def bench_region_loss_step(args, device: torch.device, meter: Meter) -> dict:
     """The region loss as one training step runs it: 18 matched-CE terms forward, summed, then one backward.
 
     Student region logits of 2 global crops (49 tokens: the 7x7 map of Swin-T at 224 px) and 8 local crops (9
@@ -230,19 +272,13 @@ def bench_region_loss_step(args, device: torch.device) -> dict:
         return run
 
     variants = {"fused": matched_soft_cross_entropy, "reference": matched_soft_cross_entropy_reference}
-    ms = time_variants({k: step(ce) for k, ce in variants.items()}, args.rounds, device)
-    mem = {k: peak_memory_mib(step(ce), device) for k, ce in variants.items()}
-    held = {k: retained_memory_mib(lambda ce=ce: loss(ce), device) for k, ce in variants.items()}
-    ratio = (mem["reference"] / mem["fused"]) if mem["fused"] and mem["reference"] is not None else None
     return {
         "op": "region_loss_step", "pairs": len(pairs), "images": N, "K": K,
         "student_logits": [[2 * N, Lg, K], [n_local * N, Ll, K]], "teacher_probs": [[N, Lg, K]] * 2,
         "logits_mib": round((logits_global.numel() + logits_local.numel()) * logits_global.element_size() / 2**20, 1),
-        "ms": {k: round(v, 3) for k, v in ms.items()},
-        "speedup_vs_reference": round(ms["reference"] / ms["fused"], 2),
-        "peak_mib": {k: None if v is None else round(v, 1) for k, v in mem.items()},
-        "memory_ratio_vs_reference": None if ratio is None else round(ratio, 2),
-        "retained_by_forward_mib": {k: round(v, 1) for k, v in held.items()},
+        **meter.times({k: step(ce) for k, ce in variants.items()}),
+        **meter.peaks({k: step(ce) for k, ce in variants.items()},
+                      {k: (lambda ce=ce: loss(ce)) for k, ce in variants.items()}),
     }
 
 
@@ -294,7 +330,6 @@ def _print_region_loss_step(report: dict) -> None:
 def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    _setup_malloc()
     device = torch.device(args.device)
     _ext.configure()
     report = {
@@ -303,8 +338,12 @@ def run(args) -> None:
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
     }
-    for case in args.cases:
-        report[case] = globals()[f"bench_{case}"](args, device)
+    for kind in ("memory", "time"):
+        meter = Meter(kind, args.rounds, device)
+        with _rss_tracks_tensors() if kind == "memory" else contextlib.nullcontext():
+            for case in args.cases:
+                result = globals()[f"bench_{case}"](args, device, meter)
+                report[case] = _merge(report[case], result) if case in report else result
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     _print_table(report)
     if args.json:

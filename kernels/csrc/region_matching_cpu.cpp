@@ -1,6 +1,6 @@
 // Region matching of the EsViT region loss on the CPU (OpenMP over rows).
-//   region_argmax: the best teacher token per student token by cosine similarity, one student row at a time
-//     (the similarity matrix is never formed).
+//   region_argmax: the best teacher token per student token by cosine similarity, four student rows of an image
+//     at a time against each teacher row (the similarity matrix is never formed).
 //   matched_ce: per student token, soft cross-entropy against the teacher row at the matched index, read in
 //     place (the gathered (N, Ls, K) target is never formed). Forward keeps lse and sum(p_t) per row;
 //     backward: dL/ds_k = g / T * (softmax(s / T)_k * sum(p_t) - p_t[k]).
@@ -41,6 +41,21 @@ void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const a
 
 namespace {
 
+// dot[k] = <s[k], t> for 4 rows against one row t of C: four accumulator chains, one pass over t.
+template <typename T>
+inline void dot4(const T* const* s, const T* t, int64_t C, T* dot) {
+  const T *s0 = s[0], *s1 = s[1], *s2 = s[2], *s3 = s[3];
+  T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+  for (int64_t c = 0; c < C; ++c) {
+    d0 += s0[c] * t[c];
+    d1 += s1[c] * t[c];
+    d2 += s2[c] * t[c];
+    d3 += s3[c] * t[c];
+  }
+  dot[0] = d0, dot[1] = d1, dot[2] = d2, dot[3] = d3;
+}
+
 template <typename scalar_t>
 void argmax_impl(const at::Tensor& student, const at::Tensor& teacher, at::Tensor& index) {
   const int64_t N = student.size(0), Ls = student.size(1), Lt = teacher.size(1), C = student.size(2);
@@ -57,21 +72,23 @@ void argmax_impl(const at::Tensor& student, const at::Tensor& teacher, at::Tenso
       inv_norm[r] = scalar_t(1) / std::max(std::sqrt(ss), scalar_t(1e-12));
     }
   });
-  at::parallel_for(0, N * Ls, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / Ls;
-      const scalar_t* s = s_p + r * C;
-      scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-      int64_t best_j = 0;
+  const int64_t blocks = (Ls + 3) / 4;                 // 4 student rows of one image share each teacher row
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, i0 = task % blocks * 4, rows = std::min<int64_t>(4, Ls - i0);
+      const scalar_t* s[4];
+      for (int64_t k = 0; k < 4; ++k) s[k] = s_p + (n * Ls + i0 + std::min(k, rows - 1)) * C;
+      scalar_t best[4], dot[4];
+      int64_t best_j[4] = {0, 0, 0, 0};
+      std::fill(best, best + 4, -std::numeric_limits<scalar_t>::infinity());
       for (int64_t j = 0; j < Lt; ++j) {
-        const scalar_t* t = t_p + (n * Lt + j) * C;
-        scalar_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < C; ++c) dot += s[c] * t[c];
-        const scalar_t sim = dot * inv_norm[n * Lt + j];
-        if (sim > best) best = sim, best_j = j;  // first maximum wins, like torch.argmax
+        dot4(s, t_p + (n * Lt + j) * C, C, dot);
+        for (int64_t k = 0; k < rows; ++k) {
+          const scalar_t sim = dot[k] * inv_norm[n * Lt + j];
+          if (sim > best[k]) best[k] = sim, best_j[k] = j;  // first maximum wins, like torch.argmax
+        }
       }
-      idx[r] = best_j;
+      std::copy(best_j, best_j + rows, idx + n * Ls + i0);
     }
   });
 }
