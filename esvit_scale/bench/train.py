@@ -7,7 +7,8 @@ Builds the student, the EMA teacher and the loss of the config twice from one se
 the same attention path). Each variant then runs the steps of train.py on synthetic multi-crop batches of
 the config's shapes: teacher forward, student forward, loss, backward, AdamW step (the trainer's parameter
 groups; plain torch instead of DeepSpeed's stage-0 wrapper), EMA update. Rounds alternate the variants so
-that machine noise hits both alike; the time of a variant is the median over its steps. No data loading.
+that machine noise hits both alike; the time of a variant is the median over its steps, and the per-round
+ratio (the two variants adjacent in time) is reported too. No data loading.
 The first step's losses of both variants are reported as well: they must agree (same weights, same batch).
 """
 from __future__ import annotations
@@ -98,6 +99,8 @@ def run(args) -> None:
                 sync()
                 times[name].append(time.perf_counter() - t0)
     ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    per_round = [statistics.median(times["kernels_off"][r * args.steps:(r + 1) * args.steps]) /
+                 statistics.median(times["kernels_on"][r * args.steps:(r + 1) * args.steps]) for r in range(args.rounds)]
     report = {
         "config": args.config, "overrides": args.overrides, "device": str(device),
         "cpu": platform.processor() or "cpu", "threads": torch.get_num_threads(),
@@ -109,6 +112,9 @@ def run(args) -> None:
         "ms_per_step_all": {k: [round(1e3 * t, 1) for t in ts] for k, ts in times.items()},
         "images_per_s": {k: round(batch * 1e3 / v, 2) for k, v in ms.items()},
         "speedup_kernels_on": round(ms["kernels_off"] / ms["kernels_on"], 3),
+        # off / on within each round (adjacent in time), median over rounds: robust to a drifting machine load
+        "speedup_kernels_on_paired": round(statistics.median(per_round), 3),
+        "rounds_kernels_on_faster": sum(x > 1 for x in per_round),
         "first_step_losses": first,
         "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -117,7 +123,9 @@ def run(args) -> None:
     for name in variants:
         print(f"  {name:<12} {ms[name]:8.1f} ms/step  {report['images_per_s'][name]:7.2f} images/s  "
               f"first-step loss {first[name]['loss']:.6f}")
-    print(f"  kernels on / off speedup x{report['speedup_kernels_on']}")
+    print(f"  kernels on / off speedup x{report['speedup_kernels_on']} (medians), "
+          f"x{report['speedup_kernels_on_paired']} (median of per-round ratios; on faster in "
+          f"{report['rounds_kernels_on_faster']} of {args.rounds} rounds)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
