@@ -62,8 +62,9 @@ def test_matches_reference_forward_and_grads(shape, shift, pad):
 
 
 @pytest.mark.parametrize("shift,pad", [(False, False), (True, True)])
-def test_gradcheck_double(shift, pad):
-    qkv, table, rel, gen = make_inputs(1, 2, 2, 2, 2, 3, dtype=torch.float64, seed=3)
+@pytest.mark.parametrize("head_dim", [3, 8])   # 8: a multiple of the float64 vector width, read in place
+def test_gradcheck_double(shift, pad, head_dim):
+    qkv, table, rel, gen = make_inputs(1, 2, 2, 2, 2, head_dim, dtype=torch.float64, seed=3)
     region = random_region(2, 4, shift, pad, gen)
     assert torch.autograd.gradcheck(lambda q, t: _FusedWindowAttention.apply(q, t, rel, region, 2, 0.6),
                                     (qkv, table), fast_mode=True)
