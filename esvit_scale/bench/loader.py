@@ -144,7 +144,8 @@ def run(args) -> dict:
         report["speedup_vs_torch"] = round(results["dali"]["images_per_s"] / results["torch"]["images_per_s"], 2)
     print(f"{'loader':10s} {'images/s':>10s} {'images':>8s} {'seconds':>9s} {'CPU ms/image':>13s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} {r['cpu_ms_per_image']:13.1f}")
+        print(f"{name:10s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} "
+              f"{r['cpu_ms_per_image']:13.1f}")
     if "speedup_vs_torch" in report:
         print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x, DALI CPU operators: "
               f"{report['dali_cpu_operators']}   "

@@ -50,7 +50,7 @@ def _cuda_include_dirs() -> list[str]:
         dirs += glob.glob(os.path.join(base, "nvidia", "cuda_runtime", "include"))
         dirs.append(os.path.join(base, "triton", "backends", "nvidia", "include"))
     for d in dirs:
-        if os.path.isfile(os.path.join(d, "cuda_runtime.h")) and os.path.isfile(os.path.join(d, "crt", "host_config.h")):
+        if all(os.path.isfile(os.path.join(d, *h)) for h in (["cuda_runtime.h"], ["crt", "host_config.h"])):
             return [d]
     raise RuntimeError("no CUDA headers (cuda_runtime.h, crt/host_config.h) found; set CUDA_HOME")
 
