@@ -59,8 +59,19 @@ def init_distributed(device: str) -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local_rank)
+    if device == "cpu" and os.environ["WORLD_SIZE"] == "1":
+        _skip_shared_memory_comm_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistInfo(rank, local_rank, world, dev)
+
+
+def _skip_shared_memory_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it starts (0.5-2 min on a fresh
+    2-core machine, most of a quickstart's start-up); one process never communicates, so mark it unusable."""
+    import deepspeed.ops
+    compatible = deepspeed.ops.__compatible_ops__
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
