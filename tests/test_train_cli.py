@@ -4,6 +4,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from conftest import PYTHON, ROOT, run_command, tiny_overrides
@@ -78,3 +79,36 @@ def test_knn_classify_separable_and_weighted():
     assert res == {1: 100.0, 5: 100.0, 20: 100.0}
     shuffled = labels[torch.randperm(40, generator=g)]
     assert knn_classify(feats, shuffled, feats, labels, ks=[5])[5] < 60.0
+
+
+def _epoch_mean_losses(metrics_file) -> list[float]:
+    by_epoch: dict[int, list[float]] = {}
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            by_epoch.setdefault(row["epoch"], []).append(row["loss"])
+    return [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
+
+
+def test_train_runs_with_the_dali_loader(image_folder, tmp_path):
+    out = tmp_path / "dali"
+    run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **{
+        "data.loader": "dali", "data.num_workers": 2, "run.max_steps": 4})])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and torch.isfinite(torch.tensor(summary["loss_final"]))
+    assert (out / "checkpoints" / "step000000004" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_learns_the_same_with_dali_and_torch_loaders(tmp_path):
+    """The whole quickstart (~1-2 min each on 2 cores): the same loss curve and a k-NN gain with both loaders."""
+    runs = {}
+    for loader in ("torch", "dali"):
+        out = tmp_path / loader
+        run_command([PYTHON, *CONFIG, f"run.output_dir={out}", f"data.loader={loader}"], timeout=1200)
+        runs[loader] = (json.loads((out / "summary.json").read_text()), _epoch_mean_losses(out / "metrics.jsonl"))
+    for loader, (summary, losses) in runs.items():
+        assert summary["knn_top1"] > summary["knn_top1_init"] + 10, (loader, summary)
+        assert min(losses) < losses[0] - 0.2, (loader, losses)
+    for torch_loss, dali_loss in zip(runs["torch"][1], runs["dali"][1]):
+        assert abs(torch_loss - dali_loss) < 0.15
