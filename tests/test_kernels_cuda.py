@@ -7,7 +7,8 @@ from timm.models.swin_transformer import get_relative_position_index
 
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (
-    matched_soft_cross_entropy, matched_soft_cross_entropy_reference, region_argmax, region_argmax_reference)
+    matched_soft_cross_entropy, matched_soft_cross_entropy_reference, matched_soft_cross_entropy_sum,
+    matched_soft_cross_entropy_sum_reference, region_argmax, region_argmax_reference)
 from esvit_scale.ops.swin_attention import window_layout
 from esvit_scale.ops.window_attention import window_attention, window_attention_reference
 
@@ -66,3 +67,19 @@ def test_region_matching_cuda_matches_reference(dtype):
     g, = torch.autograd.grad(loss.sum(), logits)
     r, = torch.autograd.grad(ref.sum(), l32)
     torch.testing.assert_close(g.float(), r, atol=TOL[dtype]["atol"] * 1e-2, rtol=TOL[dtype]["rtol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("consume", [False, True])
+def test_matched_ce_sum_cuda_two_targets(dtype, consume):
+    """One student crop against both teacher crops in one call; consume_logits writes the gradient in place."""
+    dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(3)
+    leaf = (3 * torch.randn(4, 9, 65536, device=dev, generator=gen)).requires_grad_()
+    probs = torch.softmax(torch.randn(2, 4, 49, 65536, device=dev, generator=gen) / 0.07, dim=-1)
+    matches = {g: torch.randint(0, 49, (4, 9), device=dev, generator=gen) for g in (0, 1)}
+    loss = matched_soft_cross_entropy_sum((leaf * 1.0).to(dtype), probs, matches, 0.1, consume_logits=consume)
+    ref = matched_soft_cross_entropy_sum_reference(leaf, probs, matches, 0.1)
+    torch.testing.assert_close(loss, ref, **TOL[dtype])
+    g, = torch.autograd.grad(loss * 0.5, leaf)
+    r, = torch.autograd.grad(ref * 0.5, leaf)
+    torch.testing.assert_close(g, r, atol=TOL[dtype]["atol"] * 1e-2, rtol=TOL[dtype]["rtol"])

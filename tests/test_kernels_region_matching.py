@@ -6,8 +6,8 @@ import torch
 
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (
-    _MatchedSoftCrossEntropy, matched_soft_cross_entropy, matched_soft_cross_entropy_reference, region_argmax,
-    region_argmax_reference)
+    _MatchedSoftCrossEntropy, _teacher_rows, matched_soft_cross_entropy, matched_soft_cross_entropy_reference,
+    matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference, region_argmax, region_argmax_reference)
 
 
 pytestmark = pytest.mark.usefixtures("kernels_on")
@@ -75,7 +75,9 @@ def test_matched_ce_unnormalised_target_and_gradcheck():
     torch.testing.assert_close(matched_soft_cross_entropy(logits, probs, index, 0.3),
                                (matched_soft_cross_entropy_reference(logits, probs, index, 0.3)).double(),
                                atol=1e-6, rtol=1e-6)
-    assert torch.autograd.gradcheck(lambda s: _MatchedSoftCrossEntropy.apply(s, probs, index, 0.3), (logits,))
+    rows = _teacher_rows(index, 4).unsqueeze(0)
+    assert torch.autograd.gradcheck(lambda s: _MatchedSoftCrossEntropy.apply(s.view(-1, 6), probs.view(-1, 6), rows,
+                                                                             0.3), (logits,))
 
 
 def test_matched_ce_reads_the_matched_teacher_row():
@@ -95,6 +97,57 @@ def test_matched_ce_bad_index_raises():
         matched_soft_cross_entropy(logits, probs, torch.tensor([[0, 3]]), 0.1)
     with pytest.raises(RuntimeError, match="shapes do not agree"):
         matched_soft_cross_entropy(logits, probs[:, :, :4], index, 0.1)
+
+
+def sum_inputs(N, Ls, Lt, K, targets, dtype=torch.float32, seed=0):
+    """Student logits, teacher probs (2, N, Lt, K) and one (N, Ls) match per teacher crop in `targets`."""
+    logits, _, _, gen = ce_inputs(N, Ls, Lt, K, dtype, seed)
+    probs = torch.softmax(torch.randn(2, N, Lt, K, generator=gen, dtype=dtype) / 0.07, dim=-1)
+    return logits, probs, {g: torch.randint(0, Lt, (N, Ls), generator=gen) for g in targets}
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("targets", [(0, 1), (1,)], ids=["local-crop", "global-crop"])
+@pytest.mark.parametrize("consume", [False, True])
+def test_matched_ce_sum_matches_reference(shape, targets, consume):
+    leaf, probs, matches = sum_inputs(*shape, targets, seed=sum(shape))
+    logits = leaf * 1.0                                    # a fresh non-leaf, like the region head's output
+    ref = matched_soft_cross_entropy_sum_reference(leaf, probs, matches, 0.1)
+    grad_ref, = torch.autograd.grad(ref * 0.37, leaf)
+    loss = matched_soft_cross_entropy_sum(logits, probs, matches, 0.1, consume_logits=consume)
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    # K = 1: the exact gradient is 0; the kernel's is the fp32 rounding of s / T - lse (~1e-7 |s| / T) per target
+    atol = 1e-6 if shape[-1] > 1 else 1e-4
+    if consume:   # the gradient already sits in the logits' storage: nothing logits-sized was allocated
+        torch.testing.assert_close(logits.detach() * 0.37, grad_ref, atol=atol, rtol=1e-4)
+    grad, = torch.autograd.grad(loss * 0.37, leaf)
+    torch.testing.assert_close(grad, grad_ref, atol=atol, rtol=1e-4)
+
+
+def test_matched_ce_sum_never_consumes_a_leaf_or_without_autograd():
+    leaf, probs, matches = sum_inputs(2, 3, 4, 9, (0, 1))
+    before = leaf.detach().clone()
+    matched_soft_cross_entropy_sum(leaf, probs, matches, 0.1, consume_logits=True).backward()
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():
+        logits = leaf * 1.0
+        loss = matched_soft_cross_entropy_sum(logits, probs, matches, 0.1, consume_logits=True)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(loss, matched_soft_cross_entropy_sum_reference(before, probs, matches, 0.1))
+
+
+def test_matched_ce_sum_consumed_graph_refuses_a_second_backward():
+    leaf, probs, matches = sum_inputs(2, 3, 4, 9, (0, 1))
+    loss = matched_soft_cross_entropy_sum(leaf * 1.0, probs, matches, 0.1, consume_logits=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_matched_ce_sum_gradcheck_double():
+    leaf, probs, matches = sum_inputs(2, 3, 4, 6, (0, 1), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: matched_soft_cross_entropy_sum(s, probs, matches, 0.3), (leaf,))
 
 
 def test_region_matching_disabled_uses_reference():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from esvit_scale.config import LossConfig
 from esvit_scale.losses.esvit_loss import EsViTLoss
 from esvit_scale.models.esvit import MultiCropOutput
+from esvit_scale.ops import _ext
 
 
 def make_outputs(B, K, C, token_counts, seed):
@@ -89,3 +90,28 @@ def test_gradient_reaches_student_only():
     EsViTLoss(LossConfig(), 8)(student, teacher, 0.04)["loss"].backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in student.view_logits + student.region_logits)
     assert all(t.grad is None for t in teacher.view_logits + teacher.region_logits)
+
+
+@pytest.mark.usefixtures("kernels_on")
+def test_fused_region_term_gives_the_reference_loss_and_gradients():
+    """Kernels on: the region term consumes the student's region logits, chunks of one head output per crop
+    size as in EsViT.forward; the loss and every gradient equal the reference formulation's."""
+    tokens = [16, 16, 4, 4, 4, 1]
+    student, teacher = make_outputs(2, 32, 8, tokens, 8), make_outputs(2, 32, 8, tokens[:2], 9)
+    leaves = student.view_logits + student.region_logits
+    for t in leaves:
+        t.requires_grad_(True)
+    results = []
+    for force_reference in (False, True):
+        _ext.configure(force_reference=force_reference)
+        region = []
+        for L in dict.fromkeys(tokens):                    # one head output per crop size, chunked per crop
+            members = [z for z in student.region_logits if z.shape[1] == L]
+            region += list((torch.cat(members) * 1.0).chunk(len(members)))
+        head_out = MultiCropOutput([z * 1.0 for z in student.view_logits], region, student.region_features)
+        loss = EsViTLoss(LossConfig(), 32)(head_out, teacher, 0.04)["loss"]
+        results.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+    (fused, fused_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

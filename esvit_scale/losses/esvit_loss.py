@@ -7,6 +7,10 @@ For teacher global crop g in {0, 1} and every student crop v != g (18 pairs with
     pair loss = pair_factor * (L_V + L_R)      (pair_factor 0.5 as in the official code)
 Total = mean over pairs and images. Teacher outputs are centred (separate view and region centres) and
 sharpened by the teacher temperature; the centres follow an EMA of the batch mean, all-reduced.
+
+The region term runs one fused call per student crop (all its teacher targets at once) that writes its gradient
+over student.region_logits while computing the loss: those tensors are consumed and must not be read after the
+loss (with `kernels.region_matching: false` the reference formulation runs and nothing is consumed).
 """
 from __future__ import annotations
 
@@ -35,27 +39,33 @@ class EsViTLoss(nn.Module):
         s_view = [F.log_softmax(z.float() / tau_s, dim=-1) for z in student.view_logits]
         use_region = self.cfg.region_loss
         if use_region:
-            t_region = [F.softmax((z.float() - self.region_center) / teacher_temp, dim=-1).detach()
-                        for z in teacher.region_logits]                             # 2 x (B, Lt, K)
+            t_region = self._teacher_region_probs(teacher.region_logits, teacher_temp)  # (2, B, Lt, K)
 
         view_total = region_total = 0.0
         n_pairs = 0
-        for g in range(len(t_view)):
-            for v in range(len(s_view)):
-                if v == g:
-                    continue
+        for v in range(len(s_view)):
+            targets = [g for g in range(len(t_view)) if g != v]
+            for g in targets:
                 view_total = view_total + (-t_view[g] * s_view[v]).sum(dim=-1).mean()
-                if use_region:
-                    match = region_matching.region_argmax(student.region_features[v].detach(),
-                                                          teacher.region_features[g].detach())
-                    region_total = region_total + region_matching.matched_soft_cross_entropy(
-                        student.region_logits[v], t_region[g], match, tau_s).mean()
-                n_pairs += 1
+            if use_region:
+                matches = {g: region_matching.region_argmax(student.region_features[v].detach(),
+                                                            teacher.region_features[g].detach()) for g in targets}
+                region_total = region_total + region_matching.matched_soft_cross_entropy_sum(
+                    student.region_logits[v], t_region, matches, tau_s, consume_logits=True)
+            n_pairs += len(targets)
         view_loss = view_total / n_pairs
         region_loss = region_total / n_pairs if use_region else torch.zeros_like(view_loss)
         self.update_centers(teacher)
         return {"loss": self.cfg.pair_factor * (view_loss + region_loss),
                 "view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
+
+    @torch.no_grad()
+    def _teacher_region_probs(self, logits: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
+        """2 x (B, Lt, K) teacher region logits -> centred, sharpened probabilities in one (2, B, Lt, K) tensor."""
+        probs = torch.empty((len(logits), *logits[0].shape), dtype=torch.float32, device=logits[0].device)
+        for g, z in enumerate(logits):
+            torch.softmax((z.float() - self.region_center) / teacher_temp, dim=-1, out=probs[g])
+        return probs
 
     @torch.no_grad()
     def update_centers(self, teacher: MultiCropOutput) -> None:

@@ -2,6 +2,10 @@
 
     region_argmax(fs, ft)[n, i] = argmax_j cos(fs[n, i], ft[n, j])                       (no gradient)
     matched_soft_cross_entropy(s, pt, idx, tau)[n] = mean_i sum_k -pt[n, idx[n, i], k] * log_softmax(s[n, i] / tau)[k]
+    matched_soft_cross_entropy_sum(s, PT, {g: idx_g}, tau) = sum_g mean_n matched_soft_cross_entropy(s, PT[g], idx_g, tau)[n]
+
+The sum form is what the loss calls once per student crop (one target per teacher crop); with
+consume_logits=True it writes the gradient over the logits in its forward pass (see _MatchedCEOverLogits).
 """
 from __future__ import annotations
 
@@ -29,6 +33,13 @@ def matched_soft_cross_entropy_reference(student_logits: torch.Tensor, teacher_p
     return -(target.float() * log_p).sum(dim=-1).mean(dim=-1)
 
 
+def matched_soft_cross_entropy_sum_reference(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                                             matches: dict[int, torch.Tensor], student_temp: float) -> torch.Tensor:
+    """student_logits (N, Ls, K), teacher_probs (G, N, Lt, K), matches {g: (N, Ls)} -> scalar."""
+    return sum(matched_soft_cross_entropy_reference(student_logits, teacher_probs[g], index, student_temp).mean()
+               for g, index in matches.items())
+
+
 # The fused implementations behind the names the loss calls (esvit_scale._C, see kernels/README.md).
 
 def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
@@ -47,20 +58,85 @@ def region_argmax(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return _ext.extension().region_argmax(student.detach().to(dtype), teacher.detach().to(dtype))
 
 
+def _teacher_rows(index: torch.Tensor, n_tokens: int, first_row: int = 0) -> torch.Tensor:
+    """index (N, Ls) of teacher tokens per image -> (N * Ls,) rows of the teacher probabilities viewed as (-1, K)."""
+    if index.numel() and not (0 <= int(index.min()) and int(index.max()) < n_tokens):
+        raise RuntimeError(f"matched_soft_cross_entropy: index out of range [0, {n_tokens}): "
+                           f"min {int(index.min())}, max {int(index.max())}")
+    image = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+    return (first_row + image * n_tokens + index.long()).flatten()
+
+
 class _MatchedSoftCrossEntropy(torch.autograd.Function):
+    """logits (R, K), probs (M, K), rows (J, R) -> loss (J, R); the kernel reads probs[rows[j, r]] in place."""
+
     @staticmethod
-    def forward(ctx, student_logits, teacher_probs, index, student_temp):
-        rows, lse, tsum = _ext.extension().matched_ce_forward(student_logits, teacher_probs, index, student_temp)
-        ctx.save_for_backward(student_logits, teacher_probs, index, lse, tsum)
+    def forward(ctx, logits, probs, rows, student_temp):
+        loss, lse, tsum = _ext.extension().matched_ce_forward(logits, probs, rows, student_temp)
+        ctx.save_for_backward(logits, probs, rows, lse, tsum)
         ctx.student_temp = student_temp
-        return rows.mean(dim=1)                                            # (N,)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, probs, index, lse, tsum = ctx.saved_tensors
-        grad_rows = (grad_loss / index.shape[1]).unsqueeze(1).expand(-1, index.shape[1]).contiguous()
-        grad = _ext.extension().matched_ce_backward(grad_rows, logits, probs, index, lse, tsum, ctx.student_temp)
+        logits, probs, rows, lse, tsum = ctx.saved_tensors
+        grad = _ext.extension().matched_ce_backward(grad_loss.contiguous(), logits, probs, rows, lse, tsum,
+                                                    ctx.student_temp)
         return grad, None, None, None
+
+
+class _MatchedCEOverLogits(torch.autograd.Function):
+    """sum_j mean_r loss[j, r] whose gradient is written over the logits during forward (nothing is allocated
+    for it; backward scales it in place). Only for logits that nothing else reads afterwards: a Linear's output,
+    whose backward needs its input and weight but not its output.
+
+    The writes go through .data, outside autograd's version counting: the logits are usually one chunk of the
+    region head's output for several crops, and a counted in-place write would invalidate the sibling chunks
+    saved by the other crops' calls. Backward may run once (checked here, since autograd cannot see it).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, probs, rows, student_temp):
+        ext = _ext.extension()
+        loss, lse, tsum = ext.matched_ce_forward(logits, probs, rows, student_temp)
+        if ctx.needs_input_grad[0]:
+            weight = torch.full_like(loss, 1.0 / max(rows.shape[1], 1))
+            ext.matched_ce_backward(weight, logits, probs, rows, lse, tsum, student_temp, out=logits)
+            ctx.grad = logits.data
+        return loss.mean(dim=1).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("matched_soft_cross_entropy_sum(consume_logits=True): backward ran twice through the "
+                               "same graph; its gradient was written over the logits and is used up")
+        ctx.grad = None
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None
+
+
+def _check_shapes(student_logits: torch.Tensor, teacher_probs: torch.Tensor, indices: list[torch.Tensor]) -> None:
+    """student_logits (N, Ls, K), teacher_probs (..., N, Lt, K), each index (N, Ls)."""
+    ok = (student_logits.dim() == 3 and teacher_probs.dim() >= 3 and teacher_probs.shape[-1] == student_logits.shape[-1]
+          and teacher_probs.shape[-3] == student_logits.shape[0]
+          and all(i.shape == student_logits.shape[:2] for i in indices))
+    if not ok:
+        raise RuntimeError(f"matched_soft_cross_entropy: shapes do not agree: logits {tuple(student_logits.shape)}, "
+                           f"probs {tuple(teacher_probs.shape)}, index {[tuple(i.shape) for i in indices]}")
+
+
+def _kernel_inputs(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (..., K) and probs (..., K) as contiguous (-1, K) matrices in the kernel's dtypes."""
+    dtype = _kernel_dtype(student_logits)
+    probs = teacher_probs.detach()
+    if not (probs.is_cuda and probs.dtype == torch.float32):   # the CUDA kernel also reads float32 probs
+        probs = probs.to(dtype)
+    K = student_logits.shape[-1]
+    return student_logits.to(dtype).contiguous().view(-1, K), probs.contiguous().view(-1, K)
+
+
+def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if _kernel_dtype(student_logits) == torch.float64 else torch.float32
 
 
 def matched_soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, index: torch.Tensor,
@@ -71,10 +147,36 @@ def matched_soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torc
     """
     if _ext.backend("region_matching", student_logits) == "reference":
         return matched_soft_cross_entropy_reference(student_logits, teacher_probs, index, student_temp)
-    dtype = _kernel_dtype(student_logits)
-    logits = student_logits.to(dtype)
-    probs = teacher_probs.detach()
-    if not (probs.is_cuda and probs.dtype == torch.float32):   # the CUDA kernel also reads float32 probs
-        probs = probs.to(dtype)
-    return _MatchedSoftCrossEntropy.apply(logits, probs, index.long(), float(student_temp)).to(
-        torch.float64 if dtype == torch.float64 else torch.float32)
+    _check_shapes(student_logits, teacher_probs, [index])
+    N, Ls = index.shape
+    logits, probs = _kernel_inputs(student_logits, teacher_probs)
+    rows = _teacher_rows(index, teacher_probs.shape[1]).unsqueeze(0)
+    loss = _MatchedSoftCrossEntropy.apply(logits, probs, rows, float(student_temp))
+    return loss.view(N, Ls).mean(dim=1).to(_loss_dtype(student_logits))
+
+
+def matched_soft_cross_entropy_sum(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                                   matches: dict[int, torch.Tensor], student_temp: float,
+                                   consume_logits: bool = False) -> torch.Tensor:
+    """sum over g in matches of the mean matched soft CE of student_logits (N, Ls, K) against teacher_probs[g]
+    (G, N, Lt, K) at matches[g] (N, Ls): one kernel call for all targets of a student crop. Scalar.
+
+    consume_logits=True: the kernel writes the gradient over student_logits (when it is already a contiguous
+    tensor of the kernel's dtype; else over a private copy): no logits-sized tensor is allocated, but the caller
+    must not read student_logits afterwards. The training loss passes the region head's output this way. Leaf
+    tensors (parameters, user inputs) and calls without autograd are never consumed.
+    """
+    if _ext.backend("region_matching", student_logits) == "reference":
+        return matched_soft_cross_entropy_sum_reference(student_logits, teacher_probs, matches, student_temp)
+    _check_shapes(student_logits, teacher_probs, list(matches.values()))
+    if teacher_probs.dim() != 4:
+        raise RuntimeError(f"matched_soft_cross_entropy_sum: teacher_probs must be (G, N, Lt, K), got "
+                           f"{tuple(teacher_probs.shape)}")
+    G, N, Lt = teacher_probs.shape[:3]
+    logits, probs = _kernel_inputs(student_logits, teacher_probs)
+    rows = torch.stack([_teacher_rows(index, Lt, first_row=g * N * Lt) for g, index in matches.items()])
+    if consume_logits and torch.is_grad_enabled() and student_logits.requires_grad and not student_logits.is_leaf:
+        loss = _MatchedCEOverLogits.apply(logits, probs, rows, float(student_temp))
+    else:
+        loss = _MatchedSoftCrossEntropy.apply(logits, probs, rows, float(student_temp)).mean(dim=1).sum()
+    return loss.to(_loss_dtype(student_logits))

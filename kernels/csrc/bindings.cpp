@@ -50,27 +50,28 @@ at::Tensor region_argmax(const at::Tensor& student, const at::Tensor& teacher) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matched_ce_forward(const at::Tensor& logits, const at::Tensor& probs,
-                                                                  const at::Tensor& index, double temp) {
+                                                                  const at::Tensor& rows, double temp) {
   if (logits.is_cuda()) {
 #ifdef ESVIT_WITH_CUDA
-    return matched_ce_forward_cuda(logits, probs, index, temp);
+    return matched_ce_forward_cuda(logits, probs, rows, temp);
 #else
     no_cuda("matched_ce_forward");
 #endif
   }
-  return matched_ce_forward_cpu(logits, probs, index, temp);
+  return matched_ce_forward_cpu(logits, probs, rows, temp);
 }
 
 at::Tensor matched_ce_backward(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& probs,
-                               const at::Tensor& index, const at::Tensor& lse, const at::Tensor& tsum, double temp) {
+                               const at::Tensor& rows, const at::Tensor& lse, const at::Tensor& tsum, double temp,
+                               const c10::optional<at::Tensor>& out) {
   if (logits.is_cuda()) {
 #ifdef ESVIT_WITH_CUDA
-    return matched_ce_backward_cuda(grad_rows, logits, probs, index, lse, tsum, temp);
+    return matched_ce_backward_cuda(grad_rows, logits, probs, rows, lse, tsum, temp, out);
 #else
     no_cuda("matched_ce_backward");
 #endif
   }
-  return matched_ce_backward_cpu(grad_rows, logits, probs, index, lse, tsum, temp);
+  return matched_ce_backward_cpu(grad_rows, logits, probs, rows, lse, tsum, temp, out);
 }
 
 bool built_with_cuda() {
@@ -91,5 +92,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_attention_backward", &esvit::window_attention_backward);
   m.def("region_argmax", &esvit::region_argmax);
   m.def("matched_ce_forward", &esvit::matched_ce_forward);
-  m.def("matched_ce_backward", &esvit::matched_ce_backward);
+  m.def("matched_ce_backward", &esvit::matched_ce_backward, py::arg("grad_rows"), py::arg("logits"),
+        py::arg("probs"), py::arg("rows"), py::arg("lse"), py::arg("tsum"), py::arg("temp"),
+        py::arg("out") = py::none());
 }

@@ -28,13 +28,15 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
 
 // student (N, Ls, C), teacher (N, Lt, C) -> (N, Ls) int64
 at::Tensor region_argmax_cpu(const at::Tensor& student, const at::Tensor& teacher);
-// -> row_loss (N, Ls), lse (N, Ls), tsum (N, Ls), all float32 (float64 for float64 inputs)
+// Matched soft cross-entropy of R student rows against J targets each: target j of row r is teacher row
+// rows[j, r] of probs. logits (R, K), probs (M, K), rows (J, R) int64 in [0, M)
+// -> loss (J, R), lse (R), tsum (J, R), all float32 (float64 for float64 inputs)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matched_ce_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index, double temp);
-// grad_rows (N, Ls) = dL/d row_loss -> grad_logits (N, Ls, K)
+    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows, double temp);
+// grad_rows (J, R) = dL/d loss -> grad_logits (R, K), written into `out` when given (out may be logits itself)
 at::Tensor matched_ce_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& probs,
-                                   const at::Tensor& index, const at::Tensor& lse, const at::Tensor& tsum,
-                                   double temp);
+                                   const at::Tensor& rows, const at::Tensor& lse, const at::Tensor& tsum,
+                                   double temp, const c10::optional<at::Tensor>& out);
 
 #ifdef ESVIT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> window_attention_forward_cuda(
@@ -46,10 +48,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cuda(
     double scale);
 at::Tensor region_argmax_cuda(const at::Tensor& student, const at::Tensor& teacher);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matched_ce_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index, double temp);
+    const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows, double temp);
 at::Tensor matched_ce_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& probs,
-                                    const at::Tensor& index, const at::Tensor& lse, const at::Tensor& tsum,
-                                    double temp);
+                                    const at::Tensor& rows, const at::Tensor& lse, const at::Tensor& tsum,
+                                    double temp, const c10::optional<at::Tensor>& out);
 #endif
 
 // Shape checks shared by both backends (defined in window_attention_cpu.cpp).
@@ -58,7 +60,8 @@ struct WindowShape {
 };
 WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& table, const at::Tensor& rel_index,
                                    const at::Tensor& region, int64_t num_heads);
-void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index);
+void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows);
+void check_matched_ce_out(const at::Tensor& logits, const c10::optional<at::Tensor>& out);
 void check_region_argmax(const at::Tensor& student, const at::Tensor& teacher);
 
 }  // namespace esvit

@@ -1,9 +1,10 @@
 // Region matching of the EsViT region loss on the CPU (OpenMP over rows).
 //   region_argmax: the best teacher token per student token by cosine similarity, four student rows of an image
 //     at a time against each teacher row (the similarity matrix is never formed).
-//   matched_ce: per student token, soft cross-entropy against the teacher row at the matched index, read in
-//     place (the gathered (N, Ls, K) target is never formed). Forward keeps lse and sum(p_t) per row;
-//     backward: dL/ds_k = g / T * (softmax(s / T)_k * sum(p_t) - p_t[k]).
+//   matched_ce: per student row r and target j, soft cross-entropy against teacher row rows[j, r], read in place
+//     (the gathered (R, K) target is never formed). Forward keeps lse per row and sum(p_t) per (j, r);
+//     backward: dL/ds_k = sum_j g_j / T * (softmax(s / T)_k * sum(p_t_j) - p_t_j[k]), optionally written
+//     over the logits themselves (`out` may alias `logits`: each element is read before it is written).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -26,17 +27,24 @@ void check_region_argmax(const at::Tensor& student, const at::Tensor& teacher) {
               "region_argmax: student and teacher must share dtype and device");
 }
 
-void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index) {
-  TORCH_CHECK(logits.dim() == 3 && probs.dim() == 3 && index.dim() == 2,
-              "matched_soft_cross_entropy: expected logits (N, Ls, K), probs (N, Lt, K), index (N, Ls), got ",
-              logits.sizes(), ", ", probs.sizes(), ", ", index.sizes());
-  TORCH_CHECK(logits.size(0) == probs.size(0) && logits.size(2) == probs.size(2) &&
-                  index.size(0) == logits.size(0) && index.size(1) == logits.size(1),
+void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows) {
+  TORCH_CHECK(logits.dim() == 2 && probs.dim() == 2 && rows.dim() == 2,
+              "matched_soft_cross_entropy: expected logits (R, K), probs (M, K), rows (J, R), got ", logits.sizes(),
+              ", ", probs.sizes(), ", ", rows.sizes());
+  TORCH_CHECK(logits.size(1) == probs.size(1) && rows.size(1) == logits.size(0),
               "matched_soft_cross_entropy: shapes do not agree: ", logits.sizes(), ", ", probs.sizes(), ", ",
-              index.sizes());
-  TORCH_CHECK(index.scalar_type() == at::kLong, "matched_soft_cross_entropy: index must be int64");
-  TORCH_CHECK(logits.device() == probs.device() && index.device() == logits.device(),
+              rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kLong, "matched_soft_cross_entropy: rows must be int64");
+  TORCH_CHECK(logits.device() == probs.device() && rows.device() == logits.device(),
               "matched_soft_cross_entropy: all tensors must be on one device");
+}
+
+void check_matched_ce_out(const at::Tensor& logits, const c10::optional<at::Tensor>& out) {
+  if (!out.has_value()) return;
+  TORCH_CHECK(out->sizes() == logits.sizes() && out->scalar_type() == logits.scalar_type() &&
+                  out->device() == logits.device() && out->is_contiguous(),
+              "matched_ce_backward: out must be a contiguous tensor like logits ", logits.sizes(), ", got ",
+              out->sizes());
 }
 
 namespace {
@@ -116,43 +124,69 @@ inline void ce_row_forward(const T* s, const T* t, int64_t K, T inv_t, T& lse, T
   loss = lse * st - sts * inv_t;  // sum_k -t_k (s_k / T - lse)
 }
 
-// o = g / T * (softmax(s / T) * sum(t) - t), with gst = g / T * sum(t) and g_t = g / T
+// A further target of the same row: sum(t) and the loss against the lse already known.
+template <typename T>
+inline void ce_row_forward_more(const T* s, const T* t, int64_t K, T inv_t, T lse, T& tsum, T& loss) {
+  T st = 0, sts = 0;
+#pragma omp simd reduction(+ : st, sts)
+  for (int64_t k = 0; k < K; ++k) {
+    st += t[k];
+    sts += t[k] * s[k];
+  }
+  tsum = st;
+  loss = lse * st - sts * inv_t;
+}
+
+// o = gst * softmax(s / T) - g_t * t, with gst = sum_j g_j / T * sum(t_j) and g_t = g_0 / T. o may alias s.
 template <typename T>
 inline void ce_row_backward(const T* s, const T* t, T* o, int64_t K, T inv_t, T lse, T gst, T g_t) {
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) o[k] = gst * exp_vec(s[k] * inv_t - lse) - g_t * t[k];
 }
 
+// o -= g_t * t: a further target's share of the gradient.
+template <typename T>
+inline void ce_row_backward_more(const T* t, T* o, int64_t K, T g_t) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) o[k] -= g_t * t[k];
+}
+
 template <typename scalar_t>
-void ce_forward_impl(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& index, double temp,
-                     at::Tensor& rows, at::Tensor& lse, at::Tensor& tsum) {
-  const int64_t N = logits.size(0), Ls = logits.size(1), Lt = probs.size(1), K = logits.size(2);
+void ce_forward_impl(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows, double temp,
+                     at::Tensor& loss, at::Tensor& lse, at::Tensor& tsum) {
+  const int64_t R = logits.size(0), K = logits.size(1), J = rows.size(0);
   const scalar_t *s_p = logits.data_ptr<scalar_t>(), *t_p = probs.data_ptr<scalar_t>();
-  const int64_t* idx = index.data_ptr<int64_t>();
-  scalar_t *rows_p = rows.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>(), *ts_p = tsum.data_ptr<scalar_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  scalar_t *loss_p = loss.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>(), *ts_p = tsum.data_ptr<scalar_t>();
   const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temp);
-  at::parallel_for(0, N * Ls, rows_per_task(K), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      ce_row_forward(s_p + r * K, t_p + ((r / Ls) * Lt + idx[r]) * K, K, inv_t, lse_p[r], ts_p[r], rows_p[r]);
+  at::parallel_for(0, R, rows_per_task(K * J), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* s = s_p + r * K;
+      ce_row_forward(s, t_p + row[r] * K, K, inv_t, lse_p[r], ts_p[r], loss_p[r]);
+      for (int64_t j = 1; j < J; ++j)
+        ce_row_forward_more(s, t_p + row[j * R + r] * K, K, inv_t, lse_p[r], ts_p[j * R + r], loss_p[j * R + r]);
+    }
   });
 }
 
 template <typename scalar_t>
 void ce_backward_impl(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& probs,
-                      const at::Tensor& index, const at::Tensor& lse, const at::Tensor& tsum, double temp,
+                      const at::Tensor& rows, const at::Tensor& lse, const at::Tensor& tsum, double temp,
                       at::Tensor& grad) {
-  const int64_t N = logits.size(0), Ls = logits.size(1), Lt = probs.size(1), K = logits.size(2);
+  const int64_t R = logits.size(0), K = logits.size(1), J = rows.size(0);
   const scalar_t *s_p = logits.data_ptr<scalar_t>(), *t_p = probs.data_ptr<scalar_t>();
   const scalar_t *g_p = grad_rows.data_ptr<scalar_t>(), *lse_p = lse.data_ptr<scalar_t>();
   const scalar_t* ts_p = tsum.data_ptr<scalar_t>();
-  const int64_t* idx = index.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
   scalar_t* out = grad.data_ptr<scalar_t>();
   const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(temp);
-  at::parallel_for(0, N * Ls, rows_per_task(K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, rows_per_task(K * J), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t g = g_p[r] * inv_t;
-      ce_row_backward(s_p + r * K, t_p + ((r / Ls) * Lt + idx[r]) * K, out + r * K, K, inv_t, lse_p[r],
-                      g * ts_p[r], g);
+      scalar_t gst = 0;
+      for (int64_t j = 0; j < J; ++j) gst += g_p[j * R + r] * inv_t * ts_p[j * R + r];
+      ce_row_backward(s_p + r * K, t_p + row[r] * K, out + r * K, K, inv_t, lse_p[r], gst, g_p[r] * inv_t);
+      for (int64_t j = 1; j < J; ++j)
+        ce_row_backward_more(t_p + row[j * R + r] * K, out + r * K, K, g_p[j * R + r] * inv_t);
     }
   });
 }
@@ -172,31 +206,35 @@ at::Tensor region_argmax_cpu(const at::Tensor& student_in, const at::Tensor& tea
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> matched_ce_forward_cpu(const at::Tensor& logits_in,
                                                                       const at::Tensor& probs_in,
-                                                                      const at::Tensor& index_in, double temp) {
-  check_matched_ce(logits_in, probs_in, index_in);
+                                                                      const at::Tensor& rows_in, double temp) {
+  check_matched_ce(logits_in, probs_in, rows_in);
   TORCH_CHECK(logits_in.scalar_type() == probs_in.scalar_type(),
               "matched_soft_cross_entropy (cpu): logits and probs must share a dtype");
-  const at::Tensor logits = logits_in.contiguous(), probs = probs_in.contiguous(), index = index_in.contiguous();
-  const int64_t N = logits.size(0), Ls = logits.size(1), Lt = probs.size(1);
-  TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < Lt),
-              "matched_soft_cross_entropy: index out of range [0, ", Lt, ")");
-  at::Tensor rows = at::empty({N, Ls}, logits.options()), lse = at::empty_like(rows), tsum = at::empty_like(rows);
+  const at::Tensor logits = logits_in.contiguous(), probs = probs_in.contiguous(), rows = rows_in.contiguous();
+  const int64_t R = logits.size(0), J = rows.size(0), M = probs.size(0);
+  TORCH_CHECK(rows.numel() == 0 || (rows.min().item<int64_t>() >= 0 && rows.max().item<int64_t>() < M),
+              "matched_soft_cross_entropy: teacher row index out of range [0, ", M, ")");
+  at::Tensor loss = at::empty({J, R}, logits.options()), lse = at::empty({R}, logits.options());
+  at::Tensor tsum = at::empty_like(loss);
+  if (J == 0) return {loss, lse.fill_(0), tsum};
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "matched_ce_forward_cpu", [&] {
-    ce_forward_impl<scalar_t>(logits, probs, index, temp, rows, lse, tsum);
+    ce_forward_impl<scalar_t>(logits, probs, rows, temp, loss, lse, tsum);
   });
-  return {rows, lse, tsum};
+  return {loss, lse, tsum};
 }
 
 at::Tensor matched_ce_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits_in,
-                                   const at::Tensor& probs_in, const at::Tensor& index_in, const at::Tensor& lse_in,
-                                   const at::Tensor& tsum_in, double temp) {
-  check_matched_ce(logits_in, probs_in, index_in);
-  const at::Tensor logits = logits_in.contiguous(), probs = probs_in.contiguous(), index = index_in.contiguous();
+                                   const at::Tensor& probs_in, const at::Tensor& rows_in, const at::Tensor& lse_in,
+                                   const at::Tensor& tsum_in, double temp, const c10::optional<at::Tensor>& out) {
+  check_matched_ce(logits_in, probs_in, rows_in);
+  check_matched_ce_out(logits_in, out);
+  const at::Tensor logits = logits_in.contiguous(), probs = probs_in.contiguous(), rows = rows_in.contiguous();
   const at::Tensor grad_rows = grad_rows_in.contiguous().to(logits.scalar_type());
   const at::Tensor lse = lse_in.contiguous(), tsum = tsum_in.contiguous();
-  at::Tensor grad = at::empty_like(logits);
+  at::Tensor grad = out.has_value() ? *out : at::empty_like(logits);
+  if (rows.size(0) == 0) return grad.zero_();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "matched_ce_backward_cpu", [&] {
-    ce_backward_impl<scalar_t>(grad_rows, logits, probs, index, lse, tsum, temp, grad);
+    ce_backward_impl<scalar_t>(grad_rows, logits, probs, rows, lse, tsum, temp, grad);
   });
   return grad;
 }
