@@ -140,6 +140,14 @@ def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
+def fwd_grads(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    """Forward + the gradients of the inputs, as an op inside a network computes them (nothing accumulated)."""
+    def run():
+        out = fn()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return run
+
+
 class Meter:
     """One pass over the cases: "memory" first (glibc returns big blocks to the OS, so RSS follows the tensors),
     then "time" (glibc reuses freed blocks as a long run does; mmap-ing every large block would page-fault afresh
@@ -193,8 +201,9 @@ def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dic
         table = (0.02 * torch.randn(169, heads, device=device, generator=gen)).requires_grad_()
         scale = D ** -0.5
         op = {
-            "fused": fwd_bwd(lambda: window_attention(qkv, table, rel, region, heads, scale)),
-            "reference": fwd_bwd(lambda: window_attention_reference(qkv, table, rel, region, heads, scale)),
+            "fused": fwd_grads(lambda: window_attention(qkv, table, rel, region, heads, scale), [qkv, table]),
+            "reference": fwd_grads(lambda: window_attention_reference(qkv, table, rel, region, heads, scale),
+                                   [qkv, table]),
         }
         # the whole attention path of a block (roll/partition, qkv, attention, proj, reverse), ours vs timm's
         x = torch.randn(args.batch, side, side, dim, device=device, generator=gen, requires_grad=True)
