@@ -31,6 +31,22 @@ def test_zero_stage_saves_resumes_and_continues_with_the_same_losses(stage, imag
     assert uninterrupted[1] != uninterrupted[4]
 
 
+def test_kernels_on_give_the_losses_of_kernels_off_at_stage3_with_accumulation(image_folder, tmp_path):
+    """The fused window attention and the consuming matched CE inside a ZeRO-3 engine with gradient accumulation:
+    the same losses as the reference ops, step by step."""
+    opts = {"deepspeed.zero_stage": 3, "deepspeed.grad_accum_steps": 2, "run.max_steps": 3,
+            "run.checkpoint_every_steps": 0}
+    losses = {}
+    for on in ("true", "false"):
+        out = tmp_path / f"kernels_{on}"
+        torchrun(CONFIG + tiny_overrides(image_folder, out, **opts, **{"kernels.window_attention": on,
+                                                                      "kernels.region_matching": on}))
+        losses[on] = read_losses(out)
+    assert sorted(losses["true"]) == [1, 2, 3]
+    for step, loss in losses["false"].items():
+        assert losses["true"][step] == pytest.approx(loss, rel=1e-5), (step, losses)
+
+
 def test_teacher_ema_equals_the_formula_at_stage3_without_gathering(image_folder, tmp_path):
     proc = torchrun(["tests/scripts/check_ema_stage3.py", *tiny_overrides(image_folder, tmp_path)])
     assert proc.stdout.count("EMA OK") == 2
