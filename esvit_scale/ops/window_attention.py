@@ -53,13 +53,9 @@ class _FusedWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qkv, out, lse, table, rel_index, region_arg = ctx.saved_tensors
-        dqkv, dbias = _ext.extension().window_attention_backward(
+        dqkv, dtable = _ext.extension().window_attention_backward(
             grad_out, qkv, out, lse, table.to(qkv.dtype), rel_index, region_arg, ctx.num_heads, ctx.scale)
-        N, H = rel_index.shape[0], ctx.num_heads
-        # table[rel_index[i, j], h] was used at (h, i, j): scatter dbias (H, N, N) back into (T, H)
-        dtable = torch.zeros_like(table).index_add_(
-            0, rel_index.reshape(-1), dbias.permute(1, 2, 0).reshape(N * N, H).to(table.dtype))
-        return dqkv, dtable, None, None, None, None
+        return dqkv, dtable.to(table.dtype), None, None, None, None
 
 
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, rel_index: torch.Tensor, region: torch.Tensor | None,

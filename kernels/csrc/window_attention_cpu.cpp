@@ -1,7 +1,7 @@
 // Fused window attention on the CPU: forward and backward, one (window, head) tile per task, OpenMP over tiles
 // (dynamic schedule: robust to a busy core; fewer threads for small calls). A tile's N x N scores live in a
 // per-thread scratch buffer, never in a (B_, H, N, N) tensor; the backward recomputes them from q, k and the
-// saved log-sum-exp. Each of the 7 products is a small GEMM on 6 x 16 register blocks whose A operand is read
+// saved log-sum-exp, and takes rowsum(dO * O) as rowsum(P * dP), so it does not read the output. Each of the 7 products is a small GEMM on 6 x 16 register blocks whose A operand is read
 // through two strides, so q, k, v, dO and the transposes dS^T, P^T are read in place and out / dqkv written in
 // place (head dims that are a multiple of the vector width); only k^T and v^T are copied per tile.
 #include <ATen/Parallel.h>
@@ -47,6 +47,13 @@ WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& tabl
                   (region.numel() == 0 || region.device() == qkv.device()),
               "window_attention: all tensors must be on ", qkv.device());
   return s;
+}
+
+at::Tensor scatter_bias_grad(const at::Tensor& dbias, const at::Tensor& rel_index, const at::Tensor& table) {
+  const int64_t N = rel_index.size(0), H = table.size(1);
+  return at::zeros(table.sizes(), dbias.options())
+      .index_add_(0, rel_index.reshape(-1), dbias.permute({1, 2, 0}).reshape({N * N, H}))
+      .to(table.scalar_type());
 }
 
 namespace {
@@ -131,21 +138,35 @@ std::vector<T> make_bias(const T* table, const int64_t* rel, const WindowShape& 
   return bias;
 }
 
+// The masks of the windows, deduplicated: a window whose tokens are all real and in one shift region (every
+// interior window of a shifted layout, every window without region) uses the shared zero mask at offset 0, the
+// others one (N, Np) block each. Window b of the batch reads rows + offset[b % offset.size()].
 template <typename T>
-std::vector<T> make_mask(const int32_t* region, const WindowShape& s, int64_t Np) {
+struct Masks {
+  std::vector<T> rows;
+  std::vector<int64_t> offset;
+  const T* of(int64_t b) const { return rows.data() + offset[b % static_cast<int64_t>(offset.size())]; }
+};
+
+template <typename T>
+Masks<T> make_mask(const int32_t* region, const WindowShape& s, int64_t Np) {
   const int64_t N = s.N, nW = region ? s.nW : 1;
-  std::vector<T> mask(nW * N * Np, T(0));
-  if (!region) return mask;
-  at::parallel_for(0, nW, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int32_t* r = region + w * N;
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t j = 0; j < N; ++j)
-          mask[(w * N + i) * Np + j] = r[j] < 0 ? -std::numeric_limits<T>::infinity()
-                                                : (r[i] >= 0 && r[i] != r[j] ? T(-100) : T(0));
-    }
-  });
-  return mask;
+  Masks<T> m{std::vector<T>(N * Np, T(0)), std::vector<int64_t>(nW, 0)};
+  if (!region) return m;
+  for (int64_t w = 0; w < nW; ++w) {
+    const int32_t* r = region + w * N;
+    const bool uniform = std::all_of(r, r + N, [&](int32_t x) { return x >= 0 && x == r[0]; });
+    if (uniform) continue;
+    m.offset[w] = static_cast<int64_t>(m.rows.size());
+    m.rows.resize(m.rows.size() + N * Np);
+    T* mask = m.rows.data() + m.offset[w];
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < Np; ++j)
+        mask[i * Np + j] = j >= N      ? T(0)                                   // padding column (bias: -inf)
+                           : r[j] < 0  ? -std::numeric_limits<T>::infinity()   // padded key
+                           : r[i] >= 0 && r[i] != r[j] ? T(-100) : T(0);     // across shift regions
+  }
+  return m;
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block of floats (AVX shuffles; scalar without AVX).
@@ -277,7 +298,7 @@ inline T add_row_max(T* x, const T* b, const T* m, int64_t n) {
 
 // Forward over all tiles: out (B_, N, H*D), lse (B_, H, N).
 template <typename T>
-void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const T* mask, int64_t mask_windows, T scale,
+void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const Masks<T>& masks, T scale,
                   T* out, T* lse) {
   const int64_t N = s.N, D = s.D, HD = s.H * s.D, row = 3 * HD;
   TaskQueue queue(s.B * s.H, chunk_for(s));
@@ -293,7 +314,7 @@ void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const T* ma
       const auto [vb, lv] = t.operand(q + 2 * HD, row, t.v);
       gemm(qa, lq, int64_t(1), t.kt, Np, t.s, Np, N, D, Np, scale);          // S = scale q k^T
       const T* bh = bias + h * N * Np;
-      const T* mw = mask + (b % mask_windows) * N * Np;
+      const T* mw = masks.of(b);
       T* l = lse + it.task * N;
       const T* q_next = it.next < 0 ? nullptr : qkv + (it.next / s.H) * N * row + (it.next % s.H) * D;
       for (int64_t i = 0; i < N; ++i) {                                        // P = softmax(S + bias + mask)
@@ -322,25 +343,18 @@ void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const T* ma
 
 // Backward over all tiles: dqkv (B_, N, 3, H, D) and per-thread dbias (threads, H, N, N).
 template <typename T>
-void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* out, const T* lse, const T* bias,
-                   const T* mask, int64_t mask_windows, T scale, T* dqkv, T* dbias_threads) {
+void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* lse, const T* bias,
+                   const Masks<T>& masks, T scale, T* dqkv, T* dbias_threads) {
   const int64_t N = s.N, D = s.D, HD = s.H * s.D, row = 3 * HD;
   TaskQueue queue(s.B * s.H, chunk_for(s));
 #pragma omp parallel num_threads(threads_for(s))
   {
     Scratch<T> t(N, D);
     const int64_t Np = t.Np, Dp = t.Dp;
-    std::vector<T> delta(N);
     T* dbias = dbias_threads + omp_get_thread_num() * s.H * N * N;
     for (TaskQueue::Cursor it(queue); it.task >= 0; it.advance()) {
       const int64_t b = it.task / s.H, h = it.task % s.H;
-      const T *q = qkv + b * N * row + h * D, *g = grad + b * N * HD + h * D, *o = out + b * N * HD + h * D;
-      for (int64_t n = 0; n < N; ++n) {                                        // delta = rowsum(dO * O)
-        T dl = 0;
-#pragma omp simd reduction(+ : dl)
-        for (int64_t d = 0; d < D; ++d) dl += g[n * HD + d] * o[n * HD + d];
-        delta[n] = dl;
-      }
+      const T *q = qkv + b * N * row + h * D, *g = grad + b * N * HD + h * D;
       t.transpose_in(q + HD, row, t.kt);
       t.transpose_in(q + 2 * HD, row, t.vt);
       const auto [qa, lq] = t.operand(q, row, t.q);
@@ -348,14 +362,11 @@ void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* o
       const auto [ga, lg] = t.operand(g, HD, t.g);
       gemm(qa, lq, int64_t(1), t.kt, Np, t.p, Np, N, D, Np, scale);          // P = exp(S - lse), recomputed
       const T* bh = bias + h * N * Np;
-      const T* mw = mask + (b % mask_windows) * N * Np;
+      const T* mw = masks.of(b);
       const T* l = lse + it.task * N;
       const int64_t bn = it.next / s.H, hn = it.next % s.H;
       for (int64_t i = 0; i < N; ++i) {
-        if (it.next >= 0) {                                                    // the next tile's dO, O
-          prefetch_row(grad + bn * N * HD + hn * D, HD, i, D);
-          prefetch_row(out + bn * N * HD + hn * D, HD, i, D);
-        }
+        if (it.next >= 0) prefetch_row(grad + bn * N * HD + hn * D, HD, i, D);  // the next tile's dO
         T* x = t.p + i * Np;
         const T li = l[i];
 #pragma omp simd
@@ -369,7 +380,9 @@ void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* o
             prefetch_row(qkv + bn * N * row + part * HD + hn * D, row, i, D);
         T* ds = t.s + i * Np;
         const T* p = t.p + i * Np;
-        const T di = delta[i];
+        T di = 0;                          // delta_i = rowsum(dO * O)_i = sum_j P_ij dP_ij: O itself is not read
+#pragma omp simd reduction(+ : di)
+        for (int64_t j = 0; j < Np; ++j) di += p[j] * ds[j];
 #pragma omp simd
         for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - di);
 #pragma omp simd
@@ -405,8 +418,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
     const int64_t Np = round_up(s.N, kLanes<scalar_t>);
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
     const std::vector<scalar_t> bias = make_bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
-    const std::vector<scalar_t> mask = make_mask<scalar_t>(reg, s, Np);
-    forward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), bias.data(), mask.data(), reg ? s.nW : 1,
+    const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
+    forward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), bias.data(), masks,
                            static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
   });
   return {out, lse};
@@ -422,20 +435,32 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
               "window_attention backward: grad/out must be (B_, N, H*D)");
   const at::Tensor qkv = qkv_in.contiguous(), table = table_in.contiguous(), rel = rel_in.contiguous();
   const at::Tensor region = region_in.contiguous(), grad = grad_in.contiguous().to(qkv.scalar_type());
-  const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();   // out_in: only its shape is used on the CPU
   at::Tensor dqkv = at::empty_like(qkv);
-  at::Tensor dbias_threads = at::zeros({threads_for(s), s.H, s.N, s.N}, qkv.options());
+  const int threads = threads_for(s);
+  at::Tensor dbias_threads = at::zeros({threads, s.H, s.N, s.N}, qkv.options());
+  at::Tensor dtable = at::zeros_like(table);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_backward_cpu", [&] {
     const int64_t Np = round_up(s.N, kLanes<scalar_t>);
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
     const std::vector<scalar_t> bias = make_bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
-    const std::vector<scalar_t> mask = make_mask<scalar_t>(reg, s, Np);
-    backward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            lse.data_ptr<scalar_t>(), bias.data(), mask.data(), reg ? s.nW : 1,
+    const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
+    backward_impl<scalar_t>(s, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                            lse.data_ptr<scalar_t>(), bias.data(), masks,
                             static_cast<scalar_t>(scale), dqkv.data_ptr<scalar_t>(),
                             dbias_threads.data_ptr<scalar_t>());
+    // dtable[rel[i, j], h] += sum over threads of dbias[t, h, i, j]; heads in parallel (disjoint columns)
+    const scalar_t* db = dbias_threads.data_ptr<scalar_t>();
+    const int64_t* r = rel.data_ptr<int64_t>();
+    scalar_t* dt = dtable.data_ptr<scalar_t>();
+    const int64_t NN = s.N * s.N;
+    at::parallel_for(0, s.H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t t = 0; t < threads; ++t)
+          for (int64_t ij = 0; ij < NN; ++ij) dt[r[ij] * s.H + h] += db[(t * s.H + h) * NN + ij];
+    });
   });
-  return {dqkv, dbias_threads.size(0) == 1 ? dbias_threads[0] : dbias_threads.sum(0)};
+  return {dqkv, dtable};
 }
 
 }  // namespace esvit
