@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from esvit_scale import ops
 from esvit_scale.checkpoint import COMPLETE, read_client_state
 from esvit_scale.config import config_from_dict
 from esvit_scale.eval.knn import knn_eval
@@ -22,6 +23,7 @@ def load_teacher(checkpoint: Path) -> tuple[EsViT, object]:
     if not (checkpoint / COMPLETE).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint folder (no {COMPLETE} marker)")
     cfg = config_from_dict(read_client_state(checkpoint)["config"])
+    ops.configure(cfg.kernels)
     teacher = EsViT(cfg, is_teacher=True)
     teacher.load_state_dict(torch.load(checkpoint / "teacher.pt", map_location="cpu", weights_only=True))
     return teacher.eval(), cfg

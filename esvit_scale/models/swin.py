@@ -7,7 +7,6 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from esvit_scale import ops
 from esvit_scale.config import KernelConfig, ModelConfig
 from esvit_scale.ops.swin_attention import install_window_attention
 
@@ -42,9 +41,9 @@ class SwinBackbone(nn.Module):
             drop_path_rate=arch["drop_path_rate"] if drop_path_rate is None else drop_path_rate,
             num_classes=0, strict_img_size=False, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.num_features = self.swin.num_features
-        # Our attention path in every block (padded tokens masked); the fused op unless the config says no.
-        if kernels is not None:
-            ops.configure(kernels)  # also sets the region-matching backend used by the loss
+        # Our attention path in every block (padded tokens masked); the fused op unless the config says no. Which
+        # implementation the fused op runs (CUDA, CPU, reference) is process-wide: ops.configure, called by the
+        # entry points (trainer, eval, benchmarks) from the run config.
         kernels = kernels if kernels is not None else KernelConfig()
         install_window_attention(self.swin, fused=kernels.window_attention and not kernels.force_reference)
         if cfg.activation_checkpointing:
