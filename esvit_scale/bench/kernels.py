@@ -221,6 +221,9 @@ def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dic
         r.update(meter.times({**op, **{f"block_{k}": v for k, v in blocks.items()}}))
         if "ms" in r:
             ms = r["ms"]
+            # the fused op's 7 matrix products (2 forward, 5 backward incl. recomputing the scores), N^2 D each
+            r["fused_matmul_gflop"] = round(7 * 2 * N * N * D * qkv.shape[0] * heads / 1e9, 4)
+            r["fused_matmul_gflops_per_s"] = round(r["fused_matmul_gflop"] / (ms["fused"] / 1e3), 1)
             r["block_speedup_vs_timm"] = round(ms["block_timm"] / ms["block_ours_fused"], 2)
             r["block_speedup_vs_timm_sdpa"] = round(ms["block_timm_sdpa"] / ms["block_ours_fused"], 2)
         r.update(meter.peaks(op))
@@ -325,6 +328,8 @@ def bench_region_loss_step(args, device: torch.device, meter: Meter) -> dict:
 def _print_table(report: dict) -> None:
     print(f"device {report['device']}  threads {report['threads']}  backends {report['backends']}  "
           f"load average {report['load_average_before']} -> {report['load_average_after']}")
+    if "cpu_fma_peak_gflops_per_thread" in report:
+        print(f"fp32 FMA peak, one thread: {report['cpu_fma_peak_gflops_per_thread']} GFLOP/s")
     if "window_attention" in report:
         _print_window_attention(report)
     if "region_matching" in report:
@@ -335,12 +340,13 @@ def _print_table(report: dict) -> None:
 
 def _print_window_attention(report: dict) -> None:
     print("window attention, forward + backward, ms (median)")
-    print(f"{'map':>7} {'heads':>5} {'fused':>8} {'ref':>8} {'x':>5} | {'blk ours':>8} {'blk ref':>8} "
+    print(f"{'map':>7} {'heads':>5} {'fused':>8} {'ref':>8} {'x':>5} {'GFLOP/s':>7} | {'blk ours':>8} {'blk ref':>8} "
           f"{'timm':>8} {'sdpa':>8} | {'MiB fused':>9} {'MiB ref':>8}")
     for r in report["window_attention"]:
         m, p = r["ms"], r["peak_mib"]
         print(f"{r['stage_map'][0]:>4}x{r['stage_map'][1]:<2} {r['heads']:>5} {m['fused']:>8.1f} "
-              f"{m['reference']:>8.1f} {r['speedup_vs_reference']:>5.2f} | {m['block_ours_fused']:>8.1f} "
+              f"{m['reference']:>8.1f} {r['speedup_vs_reference']:>5.2f} {r['fused_matmul_gflops_per_s']:>7.1f} | "
+              f"{m['block_ours_fused']:>8.1f} "
               f"{m['block_ours_reference']:>8.1f} {m['block_timm']:>8.1f} {m['block_timm_sdpa']:>8.1f} | "
               f"{p['fused'] or float('nan'):>9.1f} {p['reference'] or float('nan'):>8.1f}")
 
@@ -375,6 +381,9 @@ def run(args) -> None:
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
     }
+    if device.type == "cpu" and _ext.available():
+        # the yardstick for the fused ops' GFLOP/s: fp32 FMA throughput of one thread, measured now
+        report["cpu_fma_peak_gflops_per_thread"] = round(_ext.extension().cpu_fma_peak_gflops(), 1)
     for kind in ("memory", "time"):
         meter = Meter(kind, args.rounds, device)
         with _rss_tracks_tensors() if kind == "memory" else contextlib.nullcontext():

@@ -88,6 +88,7 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "esvit_scale fused kernels: window attention and region matching (CPU and CUDA)";
   m.def("built_with_cuda", &esvit::built_with_cuda);
+  m.def("cpu_fma_peak_gflops", &esvit::cpu_fma_peak_gflops, py::arg("seconds") = 0.3);
   m.def("window_attention_forward", &esvit::window_attention_forward);
   m.def("window_attention_backward", &esvit::window_attention_backward);
   m.def("region_argmax", &esvit::region_argmax);

@@ -54,6 +54,9 @@ at::Tensor matched_ce_backward_cuda(const at::Tensor& grad_rows, const at::Tenso
                                     double temp, const c10::optional<at::Tensor>& out);
 #endif
 
+// Measured fp32 FMA throughput of one CPU thread over about `seconds` (GFLOP/s, a multiply-add counting 2).
+double cpu_fma_peak_gflops(double seconds);
+
 // Shape checks shared by both backends (defined in window_attention_cpu.cpp).
 struct WindowShape {
   int64_t B, N, H, D, nW, T;
