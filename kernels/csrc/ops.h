@@ -20,7 +20,8 @@ namespace esvit {
 std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
     const at::Tensor& qkv, const at::Tensor& table, const at::Tensor& rel_index, const at::Tensor& region,
     int64_t num_heads, double scale);
-// -> dqkv (B_, N, 3 * H * D), dtable (T, H) in the table's dtype (bias gradients scattered into the table)
+// -> dqkv (B_, N, 3 * H * D), dtable (T, H): the bias gradients scattered into the table; float32 on CUDA
+//    (accumulated in fp32 for every qkv dtype), the qkv dtype on the CPU
 std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& table, const at::Tensor& rel_index, const at::Tensor& region, int64_t num_heads,
@@ -63,7 +64,7 @@ struct WindowShape {
 };
 WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& table, const at::Tensor& rel_index,
                                    const at::Tensor& region, int64_t num_heads);
-// dbias (H, N, N) float32 -> dtable (T, H) like `table`: dtable[rel_index[i, j], h] += dbias[h, i, j]
+// dbias (H, N, N) -> dtable (T, H) in dbias's dtype: dtable[rel_index[i, j], h] += dbias[h, i, j]
 at::Tensor scatter_bias_grad(const at::Tensor& dbias, const at::Tensor& rel_index, const at::Tensor& table);
 void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows);
 void check_matched_ce_out(const at::Tensor& logits, const c10::optional<at::Tensor>& out);

@@ -51,9 +51,8 @@ WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& tabl
 
 at::Tensor scatter_bias_grad(const at::Tensor& dbias, const at::Tensor& rel_index, const at::Tensor& table) {
   const int64_t N = rel_index.size(0), H = table.size(1);
-  return at::zeros(table.sizes(), dbias.options())
-      .index_add_(0, rel_index.reshape(-1), dbias.permute({1, 2, 0}).reshape({N * N, H}))
-      .to(table.scalar_type());
+  return at::zeros(table.sizes(), dbias.options())   // in dbias's dtype: float32 even for fp16 / bf16 tables
+      .index_add_(0, rel_index.reshape(-1), dbias.permute({1, 2, 0}).reshape({N * N, H}));
 }
 
 namespace {
