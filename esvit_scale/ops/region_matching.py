@@ -60,9 +60,10 @@ def region_argmax(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def _teacher_rows(index: torch.Tensor, n_tokens: int, first_row: int = 0) -> torch.Tensor:
     """index (N, Ls) of teacher tokens per image -> (N * Ls,) rows of the teacher probabilities viewed as (-1, K)."""
-    if index.numel() and not (0 <= int(index.min()) and int(index.max()) < n_tokens):
-        raise RuntimeError(f"matched_soft_cross_entropy: index out of range [0, {n_tokens}): "
-                           f"min {int(index.min())}, max {int(index.max())}")
+    if index.numel():
+        lo, hi = (int(x) for x in torch.aminmax(index))        # one pass, one host sync
+        if not 0 <= lo <= hi < n_tokens:
+            raise RuntimeError(f"matched_soft_cross_entropy: index out of range [0, {n_tokens}): min {lo}, max {hi}")
     image = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
     return (first_row + image * n_tokens + index.long()).flatten()
 

@@ -438,7 +438,6 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
   at::Tensor dqkv = at::empty_like(qkv);
   const int threads = threads_for(s);
   at::Tensor dbias_threads = at::zeros({threads, s.H, s.N, s.N}, qkv.options());
-  at::Tensor dtable = at::zeros_like(table);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_backward_cpu", [&] {
     const int64_t Np = round_up(s.N, kLanes<scalar_t>);
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
@@ -448,18 +447,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
                             lse.data_ptr<scalar_t>(), bias.data(), masks,
                             static_cast<scalar_t>(scale), dqkv.data_ptr<scalar_t>(),
                             dbias_threads.data_ptr<scalar_t>());
-    // dtable[rel[i, j], h] += sum over threads of dbias[t, h, i, j]; heads in parallel (disjoint columns)
-    const scalar_t* db = dbias_threads.data_ptr<scalar_t>();
-    const int64_t* r = rel.data_ptr<int64_t>();
-    scalar_t* dt = dtable.data_ptr<scalar_t>();
-    const int64_t NN = s.N * s.N;
-    at::parallel_for(0, s.H, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h)
-        for (int64_t t = 0; t < threads; ++t)
-          for (int64_t ij = 0; ij < NN; ++ij) dt[r[ij] * s.H + h] += db[(t * s.H + h) * NN + ij];
-    });
   });
-  return {dqkv, dtable};
+  const at::Tensor dbias = threads == 1 ? dbias_threads[0] : dbias_threads.sum(0);
+  return {dqkv, scatter_bias_grad(dbias, rel, table)};
 }
 
 }  // namespace esvit
