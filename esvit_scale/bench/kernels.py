@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -118,13 +119,18 @@ def retained_memory_mib(forward: Callable[[], torch.Tensor], device: torch.devic
 
 
 def time_variants(variants: dict[str, Callable[[], None]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Median milliseconds per call of each variant, interleaved so that machine noise hits all alike."""
+    """Median milliseconds per call of each variant, interleaved so that machine noise hits all alike, in a new
+    (seeded) order each round: in a fixed order a variant pays for the caches its predecessor leaves behind (on the
+    CPU, the same window-attention kernel timed 3-9% slower when it always ran right after the reference)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in variants.values():           # warm-up: allocations, kernel caches, layout caches
         fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order, rng = list(variants), random.Random(0)
     for _ in range(rounds):
-        for name, fn in variants.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = variants[name]
             sync()
             t0 = time.perf_counter()
             fn()
