@@ -64,8 +64,6 @@ struct WindowShape {
 };
 WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& table, const at::Tensor& rel_index,
                                    const at::Tensor& region, int64_t num_heads);
-// dbias (H, N, N) -> dtable (T, H) in dbias's dtype: dtable[rel_index[i, j], h] += dbias[h, i, j]
-at::Tensor scatter_bias_grad(const at::Tensor& dbias, const at::Tensor& rel_index, const at::Tensor& table);
 void check_matched_ce(const at::Tensor& logits, const at::Tensor& probs, const at::Tensor& rows);
 void check_matched_ce_out(const at::Tensor& logits, const c10::optional<at::Tensor>& out);
 void check_region_argmax(const at::Tensor& student, const at::Tensor& teacher);

@@ -182,6 +182,14 @@ void allow_smem(Kernel kernel, size_t smem) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
 }
 
+// dbias (H, N, N) -> dtable (T, H) in dbias's dtype (float32 even for fp16 / bf16 tables):
+// dtable[rel_index[i, j], h] += dbias[h, i, j]
+at::Tensor scatter_bias_grad(const at::Tensor& dbias, const at::Tensor& rel_index, const at::Tensor& table) {
+  const int64_t N = rel_index.size(0), H = table.size(1);
+  return at::zeros(table.sizes(), dbias.options())
+      .index_add_(0, rel_index.reshape(-1), dbias.permute({1, 2, 0}).reshape({N * N, H}));
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> window_attention_forward_cuda(
