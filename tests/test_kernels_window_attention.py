@@ -92,6 +92,8 @@ def test_bad_inputs_raise_clear_errors():
         _FusedWindowAttention.apply(qkv, table, rel[:3], None, 2, 1.0)
     with pytest.raises(RuntimeError, match="multiple of nW"):
         _FusedWindowAttention.apply(qkv, table, rel, torch.zeros(2, 4, dtype=torch.int32), 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"rel_index values must lie in \[0, "):
+        _FusedWindowAttention.apply(qkv, table, rel + table.shape[0], None, 2, 1.0)   # past the table's end
 
 
 def timm_partition(x, ws, shift):
