@@ -8,7 +8,7 @@ KERNEL_SOURCES := $(wildcard kernels/csrc/*)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup quickstart test test-all bench clean
+.PHONY: setup quickstart test test-all bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,18 @@ test-all: setup
 bench: setup
 	$(PY) -m esvit_scale.bench kernels --json runs/bench_kernels.json
 	$(PY) -m esvit_scale.bench loader --json runs/bench_loader.json
+
+# On a GPU machine that has torch, timm, pytest and nvcc but no network (the device image, no venv there): build the
+# CUDA extension in place, then run the CUDA tests and the kernel benchmark on the GPU; logs and JSON in GPU_OUT.
+GPU_OUT ?= runs/gpu
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	MAX_JOBS=16 python3 setup.py build_ext --inplace > $(GPU_OUT)/build.log 2>&1 || { tail -40 $(GPU_OUT)/build.log; exit 1; }
+	python3 -m pytest -q -m gpu -rs tests/test_kernels_cuda.py > $(GPU_OUT)/cuda_tests.log 2>&1; \
+	  echo $$? > $(GPU_OUT)/cuda_tests.rc; cat $(GPU_OUT)/cuda_tests.log
+	python3 -m esvit_scale.bench kernels --device cuda --json $(GPU_OUT)/bench_kernels_cuda.json \
+	  > $(GPU_OUT)/bench_kernels_cuda.log 2>&1; rc=$$?; cat $(GPU_OUT)/bench_kernels_cuda.log; exit $$rc
+	exit $$(cat $(GPU_OUT)/cuda_tests.rc)   # the benchmark runs even when a CUDA test fails
 
 clean:
 	rm -rf build *.egg-info esvit_scale/_C*.so runs/quickstart
