@@ -6,7 +6,8 @@ import torch
 
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (
-    _MatchedSoftCrossEntropy, _teacher_rows, matched_soft_cross_entropy, matched_soft_cross_entropy_reference,
+    _MatchedSoftCrossEntropy, _teacher_rows, consumable_chunks, matched_soft_cross_entropy,
+    matched_soft_cross_entropy_reference,
     matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference, region_argmax, region_argmax_reference)
 
 
@@ -143,6 +144,51 @@ def test_matched_ce_sum_consumed_graph_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def head_output_and_crops(n_crops, N, Ls, K, seed=0):
+    """A region head's output for n_crops crops of N images (a Linear's output, as in EsViT.forward), its
+    parameters, and per crop a teacher-probability tensor and matches."""
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(8, K)
+    x = torch.randn(n_crops * N, Ls, 8, generator=gen)
+    probs = torch.softmax(torch.randn(2, N, Ls, K, generator=gen) / 0.07, dim=-1)
+    matches = [{g: torch.randint(0, Ls, (N, Ls), generator=gen) for g in (0, 1) if g != c} for c in range(n_crops)]
+    return head, x, probs, matches
+
+
+def test_consumable_chunks_hand_on_consumed_gradients_without_a_copy():
+    head, x, probs, matches = head_output_and_crops(3, 2, 5, 32)
+    results = []
+    for consume in (True, False):
+        out = head(x)
+        seen = {}
+        out.register_hook(lambda g: seen.update(shares_storage=g.data_ptr() == out.data_ptr()))
+        crops = consumable_chunks(out, 3) if consume else list(out.chunk(3))
+        loss = sum(matched_soft_cross_entropy_sum(c, probs, m, 0.1, consume_logits=consume)
+                   for c, m in zip(crops, matches))
+        results.append((loss.detach(), torch.autograd.grad(loss, list(head.parameters())), seen["shares_storage"]))
+    (loss, grads, shared), (ref_loss, ref_grads, ref_shared) = results
+    assert shared and not ref_shared          # the consumed gradient reached the head in the output's own storage
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_consumable_chunks_concatenate_other_gradients_like_chunk():
+    head, x, probs, matches = head_output_and_crops(3, 2, 5, 16, seed=1)
+    results = []
+    for split in (consumable_chunks, lambda t, n: list(t.chunk(n))):
+        out = head(x)
+        crops = split(out, 3)
+        assert all(torch.equal(a, b) for a, b in zip(crops, out.chunk(3)))
+        # reference loss (separate gradient tensors) on two of the three crops: the third gets no gradient
+        loss = sum(matched_soft_cross_entropy_sum_reference(c, probs, m, 0.1) for c, m in zip(crops[:2], matches))
+        results.append(torch.autograd.grad(loss, out))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert results[0][0][4:].abs().sum() == 0
+    with torch.no_grad():
+        assert all(c.grad_fn is None for c in consumable_chunks(head(x), 3))
 
 
 def test_matched_ce_sum_gradcheck_double():

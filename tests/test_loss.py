@@ -7,6 +7,7 @@ from esvit_scale.config import LossConfig
 from esvit_scale.losses.esvit_loss import EsViTLoss
 from esvit_scale.models.esvit import MultiCropOutput
 from esvit_scale.ops import _ext
+from esvit_scale.ops.region_matching import consumable_chunks
 
 
 def make_outputs(B, K, C, token_counts, seed):
@@ -107,7 +108,7 @@ def test_fused_region_term_gives_the_reference_loss_and_gradients():
         region = []
         for L in dict.fromkeys(tokens):                    # one head output per crop size, chunked per crop
             members = [z for z in student.region_logits if z.shape[1] == L]
-            region += list((torch.cat(members) * 1.0).chunk(len(members)))
+            region += consumable_chunks(torch.cat(members) * 1.0, len(members))
         head_out = MultiCropOutput([z * 1.0 for z in student.view_logits], region, student.region_features)
         loss = EsViTLoss(LossConfig(), 32)(head_out, teacher, 0.04)["loss"]
         results.append((loss.detach(), torch.autograd.grad(loss, leaves)))

@@ -26,7 +26,8 @@ from timm.models.swin_transformer import SwinTransformerBlock, get_relative_posi
 
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (
-    matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference, region_argmax, region_argmax_reference)
+    consumable_chunks, matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference, region_argmax,
+    region_argmax_reference)
 from esvit_scale.ops.swin_attention import install_window_attention, window_layout
 from esvit_scale.ops.window_attention import window_attention, window_attention_reference
 
@@ -304,8 +305,8 @@ def bench_region_loss_step(args, device: torch.device, meter: Meter) -> dict:
     """The region loss as one training step runs it: 18 matched-CE terms forward, summed, then one backward.
 
     Student region logits of 2 global crops (49 tokens: the 7x7 map of Swin-T at 224 px) and 8 local crops (9
-    tokens, 3x3), one tensor per resolution chunked per crop like EsViT.forward (the gradient of each is what
-    flows into the region head); teacher probabilities of the 2 global crops; every crop against each teacher
+    tokens, 3x3), one tensor per resolution chunked per crop like EsViT.forward (consumable_chunks; the gradient
+    of each is what flows into the region head); teacher probabilities of the 2 global crops; every crop against each teacher
     crop but itself: one call per student crop for the kernels (fused), one per pair for the reference, which
     keeps log_softmax and the gathered target of every term from forward to backward.
     """
@@ -318,7 +319,7 @@ def bench_region_loss_step(args, device: torch.device, meter: Meter) -> dict:
     matches = [{g: region_argmax_reference(feats[v], feats[g]) for g in range(2) if g != v} for v in range(10)]
 
     def loss(fused: bool, consume: bool) -> torch.Tensor:
-        crops = list(heads[0].fresh().chunk(2)) + list(heads[1].fresh().chunk(n_local))
+        crops = consumable_chunks(heads[0].fresh(), 2) + consumable_chunks(heads[1].fresh(), n_local)
         ce = _matched_ce(fused, consume)
         return sum(ce(crops[v], probs, matches[v]) for v in range(len(crops))) / 18
 

@@ -14,6 +14,7 @@ from torch import nn
 from esvit_scale.config import Config
 from esvit_scale.models.heads import ProjectionHead
 from esvit_scale.models.swin import SwinBackbone
+from esvit_scale.ops.region_matching import consumable_chunks
 
 
 @dataclass
@@ -44,8 +45,8 @@ class EsViT(nn.Module):
             n = len(group)
             view_logits += self.view_head(view).chunk(n)
             region_features += region.chunk(n)
-            if self.region_head is not None:
-                region_logits += self.region_head(region).chunk(n)
+            if self.region_head is not None:   # the fused region loss writes their gradient over them
+                region_logits += consumable_chunks(self.region_head(region), n)
         return MultiCropOutput(view_logits, region_logits if self.region_head is not None else None,
                                region_features)
 

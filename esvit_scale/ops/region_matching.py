@@ -116,6 +116,43 @@ class _MatchedCEOverLogits(torch.autograd.Function):
         return grad.mul_(grad_total.to(grad.dtype)), None, None, None
 
 
+class _ConsumableChunks(torch.autograd.Function):
+    """x.chunk(n), whose backward returns the chunks' gradients as x's gradient without copying them when they
+    already lie in one storage, contiguous and in order: where _MatchedCEOverLogits writes them. Other gradients (a
+    separate tensor per chunk, a chunk without one) are concatenated, as chunk's own backward does."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        chunks = x.chunk(n)
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        ctx.chunk_shapes = [c.shape for c in chunks]
+        return chunks
+
+    @staticmethod
+    def backward(ctx, *grads):
+        first = grads[0]
+        if first is not None and all(g is not None and g.is_contiguous() and g.dtype == first.dtype for g in grads):
+            storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+            for g in grads:
+                if g.untyped_storage().data_ptr() != storage or g.storage_offset() != offset:
+                    break
+                offset += g.numel()
+            else:   # one run through one storage: x's gradient is that run, viewed whole
+                strides = [1] * len(ctx.shape)
+                for d in range(len(ctx.shape) - 2, -1, -1):
+                    strides[d] = strides[d + 1] * ctx.shape[d + 1]
+                return first.as_strided(ctx.shape, strides, first.storage_offset()), None
+        return torch.cat([g if g is not None else torch.zeros(shape, dtype=ctx.dtype, device=ctx.device)
+                          for g, shape in zip(grads, ctx.chunk_shapes)]), None
+
+
+def consumable_chunks(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """x.chunk(n) for logits that matched_soft_cross_entropy_sum(consume_logits=True) will consume, chunk by chunk:
+    their gradients then reach x without the logits-sized copy that chunk's backward makes (EsViT.forward splits
+    the region head's output of a resolution group into its crops this way)."""
+    return list(_ConsumableChunks.apply(x, n)) if x.requires_grad else list(x.chunk(n))
+
+
 def _check_shapes(student_logits: torch.Tensor, teacher_probs: torch.Tensor, indices: list[torch.Tensor]) -> None:
     """student_logits (N, Ls, K), teacher_probs (..., N, Lt, K), each index (N, Ls)."""
     ok = (student_logits.dim() == 3 and teacher_probs.dim() >= 3 and teacher_probs.shape[-1] == student_logits.shape[-1]
