@@ -5,7 +5,8 @@
     matched_soft_cross_entropy_sum(s, PT, {g: idx_g}, tau) = sum_g mean_n matched_soft_cross_entropy(s, PT[g], idx_g, tau)[n]
 
 The sum form is what the loss calls once per student crop (one target per teacher crop); with
-consume_logits=True it writes the gradient over the logits in its forward pass (see _MatchedCEOverLogits).
+consume_logits=True it writes the gradient over the logits in its forward pass (see _MatchedCEOverLogits), and
+consumable_chunks(head_output, n_crops) hands those gradients on to the region head without a copy.
 """
 from __future__ import annotations
 
