@@ -88,10 +88,6 @@ at::Tensor table_grad(at::Tensor& dbias_threads, const at::Tensor& rel, int64_t 
   return columns.t().contiguous();
 }
 
-}  // namespace
-
-namespace {
-
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // One AVX2 register with -mavx2, two SSE ones otherwise (GCC vector extensions; an alias template would drop the

@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cuda(
   const at::Tensor bias = gather_bias(table, rel_index, s.N, s.H);
   at::Tensor dqkv = at::empty_like(qkv);
   at::Tensor dbias = at::zeros({s.H, s.N, s.N}, qkv.options().dtype(at::kFloat));
-  if (s.B == 0) return {dqkv.zero_(), at::zeros_like(table)};
+  if (s.B == 0) return {dqkv.zero_(), scatter_bias_grad(dbias, rel_index, table)};   // zeros, float32 as below
   const size_t smem = (4 * s.N * s.D + 3 * s.N) * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_attention_backward_cuda", [&] {
