@@ -147,11 +147,12 @@ inline auto hsum(V v) {
   return r;
 }
 
-// C[r, :] = alpha * sum_k A(r, k) B[k, :] for MR rows and NV vectors of columns, all in registers over the k loop.
+// C[r, :] = f_r * sum_k A(r, k) B[k, :] for MR rows and NV vectors of columns, all in registers over the k loop;
+// f_r = alpha, times row_scale[r] when row_scale is given (the forward's softmax normalisation).
 // A(r, k) = a[r * ars + k * aks]: any strides, so transposed operands are read in place.
 template <typename T, int MR, int NV>
 inline void micro_kernel(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t K,
-                         T alpha) {
+                         T alpha, const T* row_scale) {
   constexpr int L = kLanes<T>;
   Vec<T> acc[MR][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
@@ -166,26 +167,29 @@ inline void micro_kernel(const T* a, int64_t ars, int64_t aks, const T* b, int64
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
+    const T f = row_scale ? alpha * row_scale[r] : alpha;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      acc[r][v] *= alpha;
+      acc[r][v] *= f;
       std::memcpy(c + r * ldc + v * L, &acc[r][v], sizeof(Vec<T>));
     }
+  }
 }
 
 template <typename T, int NV>
 void gemm_rows(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t M,
-               int64_t K, T alpha) {
+               int64_t K, T alpha, const T* rs) {
   int64_t i = 0;
-  for (; i + 6 <= M; i += 6) micro_kernel<T, 6, NV>(a + i * ars, ars, aks, b, ldb, c + i * ldc, ldc, K, alpha);
-  a += i * ars, c += i * ldc;
+  for (; i + 6 <= M; i += 6)
+    micro_kernel<T, 6, NV>(a + i * ars, ars, aks, b, ldb, c + i * ldc, ldc, K, alpha, rs ? rs + i : rs);
+  a += i * ars, c += i * ldc, rs = rs ? rs + i : rs;
   switch (M - i) {
-    case 5: micro_kernel<T, 5, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
-    case 4: micro_kernel<T, 4, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
-    case 3: micro_kernel<T, 3, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
-    case 2: micro_kernel<T, 2, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
-    case 1: micro_kernel<T, 1, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha); break;
+    case 5: micro_kernel<T, 5, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha, rs); break;
+    case 4: micro_kernel<T, 4, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha, rs); break;
+    case 3: micro_kernel<T, 3, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha, rs); break;
+    case 2: micro_kernel<T, 2, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha, rs); break;
+    case 1: micro_kernel<T, 1, NV>(a, ars, aks, b, ldb, c, ldc, K, alpha, rs); break;
   }
 }
 
@@ -193,11 +197,11 @@ void gemm_rows(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T*
 // vector width; 6 x 16 float register blocks (12 accumulators), a last 8-wide column block if needed.
 template <typename T>
 void gemm(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t M, int64_t K,
-          int64_t NC, T alpha) {
+          int64_t NC, T alpha, const T* row_scale = nullptr) {
   constexpr int L = kLanes<T>;
   int64_t j = 0;
-  for (; j + 2 * L <= NC; j += 2 * L) gemm_rows<T, 2>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, alpha);
-  if (j < NC) gemm_rows<T, 1>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, alpha);
+  for (; j + 2 * L <= NC; j += 2 * L) gemm_rows<T, 2>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, alpha, row_scale);
+  if (j < NC) gemm_rows<T, 1>(a, ars, aks, b + j, ldb, c + j, ldc, M, K, alpha, row_scale);
 }
 
 // The additive score terms, built once per call, Np = N rounded up to the vector width:
@@ -284,12 +288,13 @@ template <typename T>
 struct Scratch {
   int64_t N, D, Np, Dp;
   bool direct;
-  std::vector<T> buf;
+  std::vector<T> buf, inv;
   T *kt, *vt, *s, *p, *q, *k, *v, *g, *o;
   Scratch(int64_t n, int64_t d) : N(n), D(d), Np(round_up(n, kLanes<T>)), Dp(round_up(d, kLanes<T>)) {
     direct = Dp == D;
     const int64_t padded = N * Dp;
     buf.assign(2 * D * Np + 2 * N * Np + 5 * padded, T(0));
+    inv.assign(N, T(0));
     T* ptr = buf.data();
     for (T** t : {&kt, &vt}) *t = ptr, ptr += D * Np;
     for (T** t : {&s, &p}) *t = ptr, ptr += N * Np;
@@ -306,12 +311,21 @@ struct Scratch {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t d = n < n0 ? d0 : 0; d < D; ++d) xt[d * Np + n] = x[n * ld + d];
   }
+  // rows of D values, inline (std::copy of a runtime length calls memmove: ~10 ns a row)
+  static void copy_rows(const T* x, int64_t ldx, T* y, int64_t ldy, int64_t rows, int64_t D) {
+    constexpr int L = kLanes<T>;
+    for (int64_t n = 0; n < rows; ++n) {
+      int64_t d = 0;
+      for (; d + L <= D; d += L) esvit::store(y + n * ldy + d, esvit::load(x + n * ldx + d));
+      for (; d < D; ++d) y[n * ldy + d] = x[n * ldx + d];
+    }
+  }
   // a matrix operand (N, D) of row stride ld: in place, or copied into `pad` (N, Dp) when D is not a multiple of
   // the vector width or when its rows would crowd a few L1 sets: rows a multiple of 512 bytes apart (Swin-T's
   // last two stages) map onto at most 8 of the 64 sets, more rows per set than a set has ways
   std::pair<const T*, int64_t> operand(const T* x, int64_t ld, T* pad) const {
     if (direct && ld * sizeof(T) % 512 != 0) return {x, ld};
-    for (int64_t n = 0; n < N; ++n) std::copy(x + n * ld, x + n * ld + D, pad + n * Dp);
+    copy_rows(x, ld, pad, Dp, N, D);
     return {pad, Dp};
   }
   // where a result (N, D) of row stride ld is written, and copying it there when it went through o
@@ -320,7 +334,7 @@ struct Scratch {
   }
   void store(T* x, int64_t ld) const {
     if (direct) return;
-    for (int64_t n = 0; n < N; ++n) std::copy(o + n * Dp, o + n * Dp + D, x + n * ld);
+    copy_rows(o, Dp, x, ld, N, D);
   }
 };
 
@@ -403,7 +417,7 @@ void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const Masks
       const T* mw = masks.of(b);
       T* l = lse + it.task * N;
       const T* q_next = it.next < 0 ? nullptr : qkv + (it.next / s.H) * N * row + (it.next % s.H) * D;
-      for (int64_t i = 0; i < N; ++i) {                                        // P = softmax(S + bias + mask)
+      for (int64_t i = 0; i < N; ++i) {                                        // exp(S + bias + mask - max); 1 / rowsum in O
         if (q_next)
           for (int64_t part = 0; part < 3; ++part) prefetch_row(q_next + part * HD, row, i, D);
         T* x = t.s + i * Np;
@@ -416,13 +430,11 @@ void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const Masks
         }
         const T sum = hsum(sums);
         l[i] = m + std::log(sum);
-        const T inv = T(1) / sum;
-#pragma omp simd
-        for (int64_t j = 0; j < Np; ++j) x[j] *= inv;
+        t.inv[i] = T(1) / sum;
       }
       T* o = out + b * N * HD + h * D;
       const auto [oc, lo] = t.result(o, HD);
-      gemm(t.s, Np, int64_t(1), vb, lv, oc, lo, N, N, t.Dp, T(1));          // O = P v
+      gemm(t.s, Np, int64_t(1), vb, lv, oc, lo, N, N, t.Dp, T(1), t.inv.data());  // O = P v / rowsum
       t.store(o, HD);
     }
   }
@@ -447,29 +459,29 @@ void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* l
       const auto [qa, lq] = t.operand(q, row, t.q);
       const auto [kb, lk] = t.operand(q + HD, row, t.k);
       const auto [ga, lg] = t.operand(g, HD, t.g);
-      gemm(qa, lq, int64_t(1), t.kt, Np, t.p, Np, N, D, Np, scale);          // P = exp(S - lse), recomputed
+      gemm(qa, lq, int64_t(1), t.kt, Np, t.p, Np, N, D, Np, scale);          // S again; P = exp(S - lse) below
       const T* bh = bias + h * N * Np;
       const T* mw = masks.of(b);
       const T* l = lse + it.task * N;
       const int64_t bn = it.next / s.H, hn = it.next % s.H;
-      for (int64_t i = 0; i < N; ++i) {
-        if (it.next >= 0) prefetch_row(grad + bn * N * HD + hn * D, HD, i, D);  // the next tile's dO
-        T* x = t.p + i * Np;
-        const T li = l[i];
-        for (int64_t j = 0; j < Np; j += kLanes<T>)
-          store(x + j, exp_lanes(load(x + j) + (load(bh + i * Np + j) + load(mw + i * Np + j) - li)));
-      }
       gemm(ga, lg, int64_t(1), t.vt, Np, t.s, Np, N, D, Np, T(1));           // dP = dO v^T
       T* db = dbias + h * N * N;
-      for (int64_t i = 0; i < N; ++i) {                                        // dS = P (dP - delta)
-        if (it.next >= 0)                                                      // the next tile's q, k, v
+      for (int64_t i = 0; i < N; ++i) {                                        // P, then dS = P (dP - delta)
+        if (it.next >= 0) {                                                    // the next tile's q, k, v, dO
           for (int64_t part = 0; part < 3; ++part)
             prefetch_row(qkv + bn * N * row + part * HD + hn * D, row, i, D);
+          prefetch_row(grad + bn * N * HD + hn * D, HD, i, D);
+        }
         T* ds = t.s + i * Np;
-        const T* p = t.p + i * Np;
-        T di = 0;                          // delta_i = rowsum(dO * O)_i = sum_j P_ij dP_ij: O itself is not read
-#pragma omp simd reduction(+ : di)
-        for (int64_t j = 0; j < Np; ++j) di += p[j] * ds[j];
+        T* p = t.p + i * Np;
+        const T li = l[i];
+        Vec<T> dv{};                       // delta_i = rowsum(dO * O)_i = sum_j P_ij dP_ij: O itself is not read
+        for (int64_t j = 0; j < Np; j += kLanes<T>) {
+          const Vec<T> e = exp_lanes(load(p + j) + (load(bh + i * Np + j) + load(mw + i * Np + j) - li));
+          store(p + j, e);
+          dv += e * load(ds + j);
+        }
+        const T di = hsum(dv);
 #pragma omp simd
         for (int64_t j = 0; j < Np; ++j) ds[j] = p[j] * (ds[j] - di);
 #pragma omp simd
