@@ -16,6 +16,8 @@ def test_kernel_benchmark_reports_every_case(tmp_path):
     report = json.loads(out.read_text())
     assert report["backends"] == {"window_attention": "cpu", "region_matching": "cpu"}
     assert report["cpu_fma_peak_gflops_per_thread"] > 0
+    assert "-m esvit_scale.bench kernels --K 4096" in report["command"] and report["date"].startswith("20")
+    assert not list(tmp_path.glob("*.tmp*"))                # written under a temporary name, then renamed
 
     stages = report["window_attention"]
     assert [r["stage_map"] for r in stages] == [[56, 56], [28, 28], [14, 14], [7, 7]]

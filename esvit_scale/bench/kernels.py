@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import platform
 import random
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, get_relative_position_index
 
+from esvit_scale.bench.report import write_json
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (
     consumable_chunks, matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference, region_argmax,
@@ -399,6 +399,4 @@ def run(args) -> None:
                 report[case] = _merge(report[case], result) if case in report else result
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     _print_table(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(report, args.json)

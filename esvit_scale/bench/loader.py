@@ -95,13 +95,13 @@ def _time_loaders(loaders: dict, epochs: int) -> dict:
 
 
 def run(args) -> dict:
-    import json
     import os
     import platform
     import tempfile
 
     import torch
 
+    from esvit_scale.bench.report import write_json
     from esvit_scale.config import DataConfig
     from esvit_scale.data.folder import index_folder
 
@@ -150,9 +150,7 @@ def run(args) -> dict:
         print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x, DALI CPU operators: "
               f"{report['dali_cpu_operators']}   "
               f"(1-min load average {report['load_average_1min']['start']} -> {report['load_average_1min']['end']})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(report, args.json)
     if tmp is not None:
         tmp.cleanup()
     return report

@@ -14,7 +14,6 @@ The first step's losses of both variants are reported as well: they must agree (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import time
 import torch
 
 from esvit_scale import ops
+from esvit_scale.bench.report import write_json
 from esvit_scale.config import Config, load_config
 
 
@@ -126,6 +126,4 @@ def run(args) -> None:
     print(f"  kernels on / off speedup x{report['speedup_kernels_on']} (medians), "
           f"x{report['speedup_kernels_on_paired']} (median of per-round ratios; on faster in "
           f"{report['rounds_kernels_on_faster']} of {args.rounds} rounds)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(report, args.json)
