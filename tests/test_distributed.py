@@ -75,3 +75,20 @@ def test_bf16_trains_and_resumes_exactly(stage, image_folder, tmp_path):
                     tmp_path / "resumed" / "checkpoints" / "step000000002")
     torchrun(CONFIG + tiny_overrides(image_folder, tmp_path / "resumed", **opts))
     assert read_losses(tmp_path / "resumed")[3] == pytest.approx(read_losses(tmp_path / "full")[3], rel=1e-6)
+
+
+def test_stale_jit_build_locks_are_cleared_only_where_torch_uses_plain_lock_files(tmp_path):
+    """A build killed mid-way leaves `lock`; older torch would wait on it forever at the next start."""
+    import os
+    import time
+
+    from esvit_scale.engine.distributed import clear_stale_build_locks
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    assert clear_stale_build_locks(tmp_path, plain_lock=False) == [] and old.exists()   # kernel lock: harmless
+    assert clear_stale_build_locks(tmp_path, plain_lock=True) == [old]
+    assert not old.exists() and fresh.exists()                  # a build may be running right now

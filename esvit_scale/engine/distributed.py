@@ -1,12 +1,17 @@
 """Process-group set-up for one process, torchrun, or srun; device choice."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from pathlib import Path
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
+STALE_BUILD_LOCK_S = 30 * 60      # a JIT build takes minutes; a lock file this old was left by a killed build
 
 
 @dataclass
@@ -41,6 +46,7 @@ def prepare_environment(device: str) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # JIT-built DeepSpeed ops (e.g. the shared-memory comm op, ~35 s) are cached with the project
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".torch_extensions"))
+    clear_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
@@ -51,6 +57,29 @@ def prepare_environment(device: str) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def clear_stale_build_locks(ext_dir: Path, max_age_s: float = STALE_BUILD_LOCK_S,
+                            plain_lock: bool | None = None) -> list[Path]:
+    """Older torch (2.11, as on the GPU image) marks a JIT build in progress by the mere existence of a `lock`
+    file: a build killed mid-way (preemption, OOM, SIGKILL) leaves it, and every later start waits on it forever,
+    silently. Such files older than any build are removed, each with a warning. Newer torch holds a kernel lock
+    on the file, released when its holder dies, and needs none of this (plain_lock None: ask torch)."""
+    if plain_lock is None:
+        from torch.utils import cpp_extension
+        plain_lock = hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+    removed = []
+    for lock in sorted(ext_dir.glob("*/lock")) if plain_lock else []:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed %s, left %.0f min ago by a JIT build that did not finish (it would block "
+                            "this start forever); the op is built again", lock, age / 60)
+        except FileNotFoundError:      # another process got there first
+            pass
+    return removed
 
 
 def init_distributed(device: str) -> DistInfo:
