@@ -8,7 +8,7 @@ KERNEL_SOURCES := $(wildcard kernels/csrc/*)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup quickstart test test-all bench gpu-check clean
+.PHONY: setup quickstart test test-all bench gpu-check compat-check clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,26 @@ gpu-check:
 	python3 -m esvit_scale.bench kernels --device cuda --json $(GPU_OUT)/bench_kernels_cuda.json \
 	  > $(GPU_OUT)/bench_kernels_cuda.log 2>&1; rc=$$?; cat $(GPU_OUT)/bench_kernels_cuda.log; exit $$rc
 	exit $$(cat $(GPU_OUT)/cuda_tests.rc)   # the benchmark runs even when a CUDA test fails
+
+# The code must also run on the GPU machine's older torch: a side venv with that torch and its torchvision over
+# .venv's other packages (no second copy of deepspeed, DALI, CUDA libraries), a copy of the tracked files with the
+# extension built against that torch (CUDA sources included), then the test command; JIT-built DeepSpeed ops in a
+# folder of their own (one built for another torch would be rebuilt on every switch). Downloads ~550 MB once.
+COMPAT_TORCH ?= torch==2.11.0 torchvision==0.26.0
+COMPAT_DIR   ?= build/compat
+compat-check: setup
+	@test -x $(COMPAT_DIR)/venv/bin/python || $(PYTHON) -m venv $(COMPAT_DIR)/venv
+	$(COMPAT_DIR)/venv/bin/python -m pip install -q --no-deps $(COMPAT_TORCH)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > $$($(COMPAT_DIR)/venv/bin/python -c \
+	  "import site; print(site.getsitepackages()[0])")/zz_esvit_main_venv.pth
+	rm -rf $(COMPAT_DIR)/src && mkdir -p $(COMPAT_DIR)/src
+	git ls-files -z | xargs -0 cp --parents -t $(COMPAT_DIR)/src
+	cd $(COMPAT_DIR)/src && PATH=$(CURDIR)/$(COMPAT_DIR)/venv/bin:$$PATH:$(CURDIR)/$(VENV)/bin \
+	  python setup.py -q build_ext --inplace > build.log 2>&1 || { tail -40 build.log; exit 1; }
+	cd $(COMPAT_DIR)/src && export PATH=$(CURDIR)/$(COMPAT_DIR)/venv/bin:$$PATH \
+	  PYTHONPATH=$(CURDIR)/$(COMPAT_DIR)/src TORCH_EXTENSIONS_DIR=$(CURDIR)/$(COMPAT_DIR)/torch_extensions && \
+	  python -c "import torch; from esvit_scale import _C; print('torch', torch.__version__, _C.__file__)" && \
+	  python -m pytest -q -p no:cacheprovider -m "not slow"
 
 clean:
 	rm -rf build *.egg-info esvit_scale/_C*.so runs/quickstart
