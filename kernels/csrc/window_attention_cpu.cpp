@@ -316,7 +316,7 @@ struct Scratch {
     constexpr int L = kLanes<T>;
     for (int64_t n = 0; n < rows; ++n) {
       int64_t d = 0;
-      for (; d + L <= D; d += L) esvit::store(y + n * ldy + d, esvit::load(x + n * ldx + d));
+      for (; d + L <= D; d += L) store(y + n * ldy + d, load(x + n * ldx + d));
       for (; d < D; ++d) y[n * ldy + d] = x[n * ldx + d];
     }
   }
@@ -332,7 +332,7 @@ struct Scratch {
   std::pair<T*, int64_t> result(T* x, int64_t ld) const {
     return direct ? std::make_pair(x, ld) : std::make_pair(o, Dp);
   }
-  void store(T* x, int64_t ld) const {
+  void write_back(T* x, int64_t ld) const {
     if (direct) return;
     copy_rows(o, Dp, x, ld, N, D);
   }
@@ -417,7 +417,7 @@ void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const Masks
       const T* mw = masks.of(b);
       T* l = lse + it.task * N;
       const T* q_next = it.next < 0 ? nullptr : qkv + (it.next / s.H) * N * row + (it.next % s.H) * D;
-      for (int64_t i = 0; i < N; ++i) {                                        // exp(S + bias + mask - max); 1 / rowsum in O
+      for (int64_t i = 0; i < N; ++i) {                      // exp(S + bias + mask - max); 1 / rowsum in O
         if (q_next)
           for (int64_t part = 0; part < 3; ++part) prefetch_row(q_next + part * HD, row, i, D);
         T* x = t.s + i * Np;
@@ -435,7 +435,7 @@ void forward_impl(const WindowShape& s, const T* qkv, const T* bias, const Masks
       T* o = out + b * N * HD + h * D;
       const auto [oc, lo] = t.result(o, HD);
       gemm(t.s, Np, int64_t(1), vb, lv, oc, lo, N, N, t.Dp, T(1), t.inv.data());  // O = P v / rowsum
-      t.store(o, HD);
+      t.write_back(o, HD);
     }
   }
 }
@@ -490,13 +490,13 @@ void backward_impl(const WindowShape& s, const T* qkv, const T* grad, const T* l
       T* dq = dqkv + b * N * row + h * D;
       auto [c, lc] = t.result(dq, row);
       gemm(t.s, Np, int64_t(1), kb, lk, c, lc, N, N, Dp, scale);            // dQ = scale dS k
-      t.store(dq, row);
+      t.write_back(dq, row);
       std::tie(c, lc) = t.result(dq + HD, row);
       gemm(t.s, int64_t(1), Np, qa, lq, c, lc, N, N, Dp, scale);            // dK = scale dS^T q
-      t.store(dq + HD, row);
+      t.write_back(dq + HD, row);
       std::tie(c, lc) = t.result(dq + 2 * HD, row);
       gemm(t.p, int64_t(1), Np, ga, lg, c, lc, N, N, Dp, T(1));             // dV = P^T dO
-      t.store(dq + 2 * HD, row);
+      t.write_back(dq + 2 * HD, row);
     }
   }
 }
