@@ -39,7 +39,8 @@ bench: setup
 GPU_OUT ?= runs/gpu
 gpu-check:
 	mkdir -p $(GPU_OUT)
-	MAX_JOBS=16 python3 setup.py build_ext --inplace > $(GPU_OUT)/build.log 2>&1 || { tail -40 $(GPU_OUT)/build.log; exit 1; }
+	MAX_JOBS=16 python3 setup.py build_ext --inplace > $(GPU_OUT)/build.log 2>&1 || \
+	  { tail -40 $(GPU_OUT)/build.log; exit 1; }
 	python3 -m pytest -q -m gpu -rs tests/test_kernels_cuda.py > $(GPU_OUT)/cuda_tests.log 2>&1; \
 	  echo $$? > $(GPU_OUT)/cuda_tests.rc; cat $(GPU_OUT)/cuda_tests.log
 	python3 -m esvit_scale.bench kernels --device cuda --json $(GPU_OUT)/bench_kernels_cuda.json \

@@ -306,9 +306,9 @@ def bench_region_loss_step(args, device: torch.device, meter: Meter) -> dict:
 
     Student region logits of 2 global crops (49 tokens: the 7x7 map of Swin-T at 224 px) and 8 local crops (9
     tokens, 3x3), one tensor per resolution chunked per crop like EsViT.forward (consumable_chunks; the gradient
-    of each is what flows into the region head); teacher probabilities of the 2 global crops; every crop against each teacher
-    crop but itself: one call per student crop for the kernels (fused), one per pair for the reference, which
-    keeps log_softmax and the gathered target of every term from forward to backward.
+    of each is what flows into the region head); teacher probabilities of the 2 global crops; every crop against
+    each teacher crop but itself: one call per student crop for the kernels (fused), one per pair for the
+    reference, which keeps log_softmax and the gathered target of every term from forward to backward.
     """
     N, K, Lg, Ll, n_local = args.step_batch, args.K, 49, 9, 8
     gen = torch.Generator(device=device).manual_seed(1)

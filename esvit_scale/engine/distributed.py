@@ -68,8 +68,10 @@ def clear_stale_build_locks(ext_dir: Path, max_age_s: float = STALE_BUILD_LOCK_S
     if plain_lock is None:
         from torch.utils import cpp_extension
         plain_lock = hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+    if not plain_lock:
+        return []
     removed = []
-    for lock in sorted(ext_dir.glob("*/lock")) if plain_lock else []:
+    for lock in sorted(ext_dir.glob("*/lock")):
         try:
             age = time.time() - lock.stat().st_mtime
             if age > max_age_s:
