@@ -70,6 +70,24 @@ def read_losses(output_dir: Path) -> dict[int, float]:
     return losses
 
 
+def _cpu_isas() -> list[str]:
+    try:
+        import torch  # noqa: F401  (loads the libraries _C links against)
+        from esvit_scale import _C
+        return list(_C.supported_cpu_isas())
+    except ImportError:      # not built: kernels_on fails with the build command
+        return ["auto"]
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(kernels_on, request):
+    """Each vector instruction set this CPU runs the CPU kernels with (avx2, and avx512 where the CPU has it)."""
+    from esvit_scale.ops import _ext
+    _ext.set_cpu_isa(request.param)
+    yield request.param
+    _ext.set_cpu_isa()
+
+
 @pytest.fixture
 def kernels_on():
     """The compiled kernels, with the dispatch reset to its defaults around the test."""

@@ -38,13 +38,14 @@ def make_inputs(batch, nW, wh, ww, H, D, dtype=torch.float32, seed=0):
 
 
 # batch, nW, window (h, w), heads, head dim: odd window counts, 1-token windows, non-square windows, W=14
+# head dim 24: read in place by the AVX2 path (8 lanes), copied into padded tiles by the AVX-512 one (16 lanes)
 SHAPES = [(2, 4, (7, 7), 3, 32), (1, 3, (7, 7), 6, 32), (3, 5, (3, 3), 2, 16), (2, 1, (1, 1), 4, 8),
-          (1, 2, (2, 3), 1, 5), (1, 1, (14, 14), 2, 32), (5, 1, (7, 7), 24, 32)]
+          (1, 2, (2, 3), 1, 5), (1, 1, (14, 14), 2, 32), (5, 1, (7, 7), 24, 32), (2, 3, (4, 5), 2, 24)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("shift,pad", [(False, False), (True, False), (False, True), (True, True)])
-def test_matches_reference_forward_and_grads(shape, shift, pad):
+def test_matches_reference_forward_and_grads(shape, shift, pad, cpu_isa):
     batch, nW, (wh, ww), H, D = shape
     qkv, table, rel, gen = make_inputs(batch, nW, wh, ww, H, D, seed=hash((shape, shift, pad)) % 1000)
     region = random_region(nW, wh * ww, shift, pad, gen)
@@ -63,14 +64,14 @@ def test_matches_reference_forward_and_grads(shape, shift, pad):
 
 @pytest.mark.parametrize("shift,pad", [(False, False), (True, True)])
 @pytest.mark.parametrize("head_dim", [3, 8])   # 8: a multiple of the float64 vector width, read in place
-def test_gradcheck_double(shift, pad, head_dim):
+def test_gradcheck_double(shift, pad, head_dim, cpu_isa):
     qkv, table, rel, gen = make_inputs(1, 2, 2, 2, 2, head_dim, dtype=torch.float64, seed=3)
     region = random_region(2, 4, shift, pad, gen)
     assert torch.autograd.gradcheck(lambda q, t: _FusedWindowAttention.apply(q, t, rel, region, 2, 0.6),
                                     (qkv, table), fast_mode=True)
 
 
-def test_padded_keys_get_no_weight():
+def test_padded_keys_get_no_weight(cpu_isa):
     """Changing a padded token's q/k/v changes no real token's output; real keys do change it."""
     qkv, table, rel, gen = make_inputs(1, 1, 3, 3, 2, 8)
     region = torch.zeros(1, 9, dtype=torch.int32)
@@ -152,7 +153,7 @@ def test_installed_path_equals_timm_without_padding_and_keeps_state_dict():
 
 
 @pytest.mark.parametrize("size", [40, 8])
-def test_fused_and_reference_paths_agree_on_any_crop(size):
+def test_fused_and_reference_paths_agree_on_any_crop(size, cpu_isa):
     """Kernels on vs off: same outputs and gradients (40 px: maps 10x10 -> padded 12x12 with shift, then 5x5 -> 8x8)."""
     fused, ref = tiny_swin(), tiny_swin()
     install_window_attention(fused, fused=True)
@@ -208,5 +209,34 @@ def test_dispatch_config_and_single_log(caplog):
         assert _ext.backend("window_attention", qkv) == "reference"
         assert _ext.backend("region_matching", qkv) == "cpu"
     lines = [r.getMessage() for r in caplog.records]
-    assert sum("window_attention uses the cpu" in m for m in lines) == 1
+    assert sum(f"window_attention uses the cpu implementation ({_ext.cpu_isa()})" in m for m in lines) == 1
     assert any("disabled by config" in m for m in lines)
+
+
+def test_cpu_instruction_sets_agree_and_bad_names_are_refused(monkeypatch):
+    """Every instruction set this CPU has gives the same results to fp32 rounding; a name the CPU or the build
+    lacks is refused with the ones available, from the API and from the config."""
+    from esvit_scale import ops
+    from esvit_scale.config import KernelConfig
+    from esvit_scale.ops._ext import extension
+    qkv, table, rel, gen = make_inputs(2, 4, 7, 7, 6, 32, seed=5)
+    region = random_region(4, 49, True, True, gen)
+    results = {}
+    for isa in extension().supported_cpu_isas():
+        _ext.set_cpu_isa(isa)
+        assert _ext.cpu_isa() == isa
+        out = _FusedWindowAttention.apply(qkv, table, rel, region, 6, 32 ** -0.5)
+        results[isa] = (out, *torch.autograd.grad(out.square().sum(), (qkv, table)))
+    _ext.set_cpu_isa()
+    first = next(iter(results.values()))
+    for other in results.values():
+        for a, b in zip(first, other):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="'avx1024' is not available here; expected auto or one of: "):
+        _ext.set_cpu_isa("avx1024")
+    missing = [n for n in ("avx2", "avx512", "generic") if n not in extension().supported_cpu_isas()]
+    with pytest.raises(ValueError, match=f"kernels.cpu_isa='{missing[0]}'"):
+        ops.configure(KernelConfig(cpu_isa=missing[0]))
+    monkeypatch.delenv("ESVIT_CPU_ISA", raising=False)
+    ops.configure(KernelConfig())
+    assert _ext.cpu_isa() == extension().supported_cpu_isas()[-1]     # auto: the best one

@@ -13,7 +13,11 @@ def configure(kernels_cfg=None) -> None:
     if kernels_cfg is None:
         _ext.configure()
     else:
-        _ext.configure(kernels_cfg.window_attention, kernels_cfg.region_matching, kernels_cfg.force_reference)
+        try:
+            _ext.configure(kernels_cfg.window_attention, kernels_cfg.region_matching, kernels_cfg.force_reference,
+                           kernels_cfg.cpu_isa)
+        except ValueError as e:
+            raise ValueError(f"config error: kernels.cpu_isa={kernels_cfg.cpu_isa!r}: {e}") from None
 
 
 __all__ = ["configure", "available", "cuda_available"]

@@ -2,13 +2,15 @@
 
 Each op asks `backend(op, tensor)` which implementation to run:
     "cuda"      the tensor is on a GPU and _C was built with CUDA
-    "cpu"       the tensor is on the CPU, in a dtype the CPU kernels support (float32, float64)
+    "cpu"       the tensor is on the CPU, in a dtype the CPU kernels support (float32, float64), run with the
+                vector instruction set cpu_isa() names (avx512 where the CPU has it, else avx2; see set_cpu_isa)
     "reference" the pure-PyTorch reference: forced by config, op disabled, _C missing, or unsupported dtype
 The first use of each (op, backend) is logged once, with the reason when it is the reference.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -45,10 +47,29 @@ def cuda_available() -> bool:
     return _C is not None and _C.built_with_cuda()
 
 
-def configure(window_attention: bool = True, region_matching: bool = True, force_reference: bool = False) -> None:
+def configure(window_attention: bool = True, region_matching: bool = True, force_reference: bool = False,
+              cpu_isa: str = "auto") -> None:
     _state["enabled"].update(window_attention=bool(window_attention), region_matching=bool(region_matching))
     _state["force_reference"] = bool(force_reference)
+    if _C is not None:
+        set_cpu_isa(cpu_isa)
     _logged.clear()  # a new configuration is reported again
+
+
+def cpu_isa() -> str | None:
+    """The vector instruction set of the CPU kernels ("avx512", "avx2", "generic"), None when _C is missing."""
+    return None if _C is None else _C.cpu_isa()
+
+
+def set_cpu_isa(name: str = "auto") -> None:
+    """"auto": the environment's ESVIT_CPU_ISA when set, else the best this CPU has; or one of
+    _C.supported_cpu_isas(). One that this CPU or build lacks raises, naming it and the ones available."""
+    if name == "auto":
+        name = os.environ.get("ESVIT_CPU_ISA") or "auto"
+    try:
+        extension().set_cpu_isa(name)
+    except RuntimeError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
 
 
 def enabled(op: str) -> bool:
@@ -65,7 +86,7 @@ def backend(op: str, x: torch.Tensor, use_kernel: bool = True) -> str:
         ok = _C.built_with_cuda() and x.dtype in CUDA_DTYPES
         choice, why = ("cuda", "") if ok else ("reference", f"no CUDA kernel for {x.dtype} / CPU-only build")
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES:
-        choice, why = "cpu", ""
+        choice, why = "cpu", _C.cpu_isa()
     else:
         choice, why = "reference", f"no kernel for {x.device.type} {x.dtype}"
     if (op, choice) not in _logged:

@@ -1,6 +1,7 @@
 // Python bindings of esvit_scale._C: one entry point per op, dispatching on the tensors' device.
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
 #include "ops.h"
 
 namespace esvit {
@@ -88,7 +89,12 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "esvit_scale fused kernels: window attention and region matching (CPU and CUDA)";
   m.def("built_with_cuda", &esvit::built_with_cuda);
-  m.def("cpu_fma_peak_gflops", &esvit::cpu_fma_peak_gflops, py::arg("seconds") = 0.3);
+  m.def("cpu_fma_peak_gflops", &esvit::cpu_fma_peak_gflops, py::arg("seconds") = 0.3,
+        "fp32 FMA throughput of one thread, with the vectors of the CPU instruction set in use");
+  m.def("cpu_isa", [] { return esvit::cpu_isa_name(esvit::cpu_isa()); },
+        "the vector instruction set the CPU kernels run with");
+  m.def("supported_cpu_isas", &esvit::supported_cpu_isas, "the instruction sets this CPU and build can run");
+  m.def("set_cpu_isa", &esvit::set_cpu_isa, py::arg("name"), "'auto' or one of supported_cpu_isas()");
   m.def("window_attention_forward", &esvit::window_attention_forward);
   m.def("window_attention_backward", &esvit::window_attention_backward);
   m.def("region_argmax", &esvit::region_argmax);

@@ -55,7 +55,8 @@ at::Tensor matched_ce_backward_cuda(const at::Tensor& grad_rows, const at::Tenso
                                     double temp, const c10::optional<at::Tensor>& out);
 #endif
 
-// Measured fp32 FMA throughput of one CPU thread over about `seconds` (GFLOP/s, a multiply-add counting 2).
+// Measured fp32 FMA throughput of one CPU thread over about `seconds` (GFLOP/s, a multiply-add counting 2), with
+// the vectors of the instruction set the CPU kernels use (cpu_isa.h).
 double cpu_fma_peak_gflops(double seconds);
 
 // Shape checks shared by both backends (defined in window_attention_cpu.cpp).
