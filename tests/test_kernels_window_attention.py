@@ -240,3 +240,12 @@ def test_cpu_instruction_sets_agree_and_bad_names_are_refused(monkeypatch):
     monkeypatch.delenv("ESVIT_CPU_ISA", raising=False)
     ops.configure(KernelConfig())
     assert _ext.cpu_isa() == extension().supported_cpu_isas()[-1]     # auto: the best one
+
+
+def test_nan_in_q_reaches_the_output_of_its_window_only(cpu_isa):
+    """The kernels' exp and log keep NaN (a NaN loss must stop the run, not vanish in a clamp)."""
+    qkv, table, rel, _ = make_inputs(2, 1, 7, 7, 2, 32)
+    bad = qkv.detach().clone()
+    bad[0, 3, 5] = float("nan")                                    # window 0, token 3, head 0's q
+    out = _FusedWindowAttention.apply(bad, table, rel, None, 2, 0.2)
+    assert out[0, 3, :32].isnan().all() and not out[1].isnan().any()

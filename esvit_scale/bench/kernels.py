@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which cases to run")
+    parser.add_argument("--cpu-isa", default="auto",
+                        help="vector instruction set of the CPU kernels (auto: the best; the others the CPU has are "
+                             "timed next to it for window attention)")
 
 
 # --- measurement ---------------------------------------------------------------------------------------
@@ -140,6 +143,25 @@ def time_variants(variants: dict[str, Callable[[], None]], rounds: int, device: 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def with_cpu_isa(isa: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """fn run with the CPU kernels on another instruction set (the choice in force is restored after)."""
+    def run():
+        current = _ext.cpu_isa()
+        _ext.extension().set_cpu_isa(isa)
+        try:
+            fn()
+        finally:
+            _ext.extension().set_cpu_isa(current)
+    return run
+
+
+def other_cpu_isas(device: torch.device) -> list[str]:
+    """The instruction sets this CPU has besides the one in use (none on a GPU or without _C)."""
+    if device.type != "cpu" or not _ext.available():
+        return []
+    return [isa for isa in _ext.extension().supported_cpu_isas() if isa != _ext.cpu_isa()]
+
+
 def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     def run():
         out = fn()
@@ -212,6 +234,8 @@ def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dic
             "reference": fwd_grads(lambda: window_attention_reference(qkv, table, rel, region, heads, scale),
                                    [qkv, table]),
         }
+        # the same kernel on the CPU's other instruction sets (avx2 next to avx512), timed in the same rounds
+        by_isa = {f"fused_{isa}": with_cpu_isa(isa, op["fused"]) for isa in other_cpu_isas(device)}
         # the whole attention path of a block (roll/partition, qkv, attention, proj, reverse), ours vs timm's
         x = torch.randn(args.batch, side, side, dim, device=device, generator=gen, requires_grad=True)
         blocks = {}
@@ -225,9 +249,13 @@ def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dic
             blocks[name] = fwd_bwd(lambda blk=blk: blk._attn(x))
         r = {"stage_map": [side, side], "windows": args.batch * nW, "tokens_per_window": N, "heads": heads,
              "head_dim": D, "shifted": shifted, "qkv_shape": list(qkv.shape)}
-        r.update(meter.times({**op, **{f"block_{k}": v for k, v in blocks.items()}}))
+        r.update(meter.times({**op, **by_isa, **{f"block_{k}": v for k, v in blocks.items()}}))
         if "ms" in r:
             ms = r["ms"]
+            if by_isa:
+                r["speedup_vs_reference_by_isa"] = {
+                    _ext.cpu_isa(): r["speedup_vs_reference"],
+                    **{k[len("fused_"):]: round(ms["reference"] / ms[k], 2) for k in by_isa}}
             # the fused op's 7 matrix products (2 forward, 5 backward incl. recomputing the scores), N^2 D each
             r["fused_matmul_gflop"] = round(7 * 2 * N * N * D * qkv.shape[0] * heads / 1e9, 4)
             r["fused_matmul_gflops_per_s"] = round(r["fused_matmul_gflop"] / (ms["fused"] / 1e3), 1)
@@ -333,10 +361,13 @@ def bench_region_loss_step(args, device: torch.device, meter: Meter) -> dict:
 
 
 def _print_table(report: dict) -> None:
-    print(f"device {report['device']}  threads {report['threads']}  backends {report['backends']}  "
+    print(f"device {report['device']} ({report['cpu_model']})  threads {report['threads']}  "
+          f"backends {report['backends']}  cpu isa {report['cpu_isa']}  "
           f"load average {report['load_average_before']} -> {report['load_average_after']}")
-    if "cpu_fma_peak_gflops_per_thread" in report:
-        print(f"fp32 FMA peak, one thread: {report['cpu_fma_peak_gflops_per_thread']} GFLOP/s")
+    peaks = {k[len("cpu_fma_peak_gflops_per_thread"):].lstrip("_") or report["cpu_isa"]: v
+             for k, v in report.items() if k.startswith("cpu_fma_peak_gflops_per_thread")}
+    if peaks:
+        print("fp32 FMA peak, one thread: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peaks.items()))
     if "window_attention" in report:
         _print_window_attention(report)
     if "region_matching" in report:
@@ -356,6 +387,9 @@ def _print_window_attention(report: dict) -> None:
               f"{m['block_ours_fused']:>8.1f} "
               f"{m['block_ours_reference']:>8.1f} {m['block_timm']:>8.1f} {m['block_timm_sdpa']:>8.1f} | "
               f"{p['fused'] or float('nan'):>9.1f} {p['reference'] or float('nan'):>8.1f}")
+        for isa, x in r.get("speedup_vs_reference_by_isa", {}).items():
+            if isa != report["cpu_isa"]:
+                print(f"{'':>13} fused on {isa}: {m['fused_' + isa]:.1f} ms, x{x:.2f}")
 
 
 def _print_region_matching(report: dict) -> None:
@@ -377,20 +411,38 @@ def _print_region_loss_step(report: dict) -> None:
           f"(x{r.get('memory_ratio_vs_reference')}), kept for backward MiB {r['retained_by_forward_mib']}")
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    _ext.configure()
+    _ext.configure(cpu_isa=args.cpu_isa)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_model": _cpu_model(),
+        "cpu_isa": _ext.cpu_isa(),
         "threads": torch.get_num_threads(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
     }
     if device.type == "cpu" and _ext.available():
-        # the yardstick for the fused ops' GFLOP/s: fp32 FMA throughput of one thread, measured now
+        # the yardstick for the fused ops' GFLOP/s: fp32 FMA throughput of one thread with the vectors the kernels
+        # use, measured now (and with those of the other instruction sets, for the variants timed on them)
         report["cpu_fma_peak_gflops_per_thread"] = round(_ext.extension().cpu_fma_peak_gflops(), 1)
+        for isa in other_cpu_isas(device):
+            peak = {}
+            with_cpu_isa(isa, lambda: peak.setdefault(isa, _ext.extension().cpu_fma_peak_gflops()))()
+            report[f"cpu_fma_peak_gflops_per_thread_{isa}"] = round(peak[isa], 1)
     for kind in ("memory", "time"):
         meter = Meter(kind, args.rounds, device)
         with _rss_tracks_tensors() if kind == "memory" else contextlib.nullcontext():

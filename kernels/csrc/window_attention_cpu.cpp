@@ -21,6 +21,7 @@
 #include <utility>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -65,28 +66,33 @@ void check_rel_index_range(const at::Tensor& rel, int64_t T) {
 }
 
 template <typename T>
-void sum_scatter_rows(T* dbias_threads, int64_t threads, int64_t H, const int64_t* rel, int64_t NN, int64_t rows,
-                      T* columns) {
-  T* acc = dbias_threads;                  // thread 0's (H, N*N) block collects the others'
+void sum_scatter_rows(T* dbias_threads, int64_t threads, int64_t H, const int64_t* rel, int64_t N, int64_t Np,
+                      int64_t rows, T* columns) {
+  const int64_t block = H * N * Np;
+  T* acc = dbias_threads;                  // thread 0's (H, N, Np) block collects the others'
   for (int64_t t = 1; t < threads; ++t) {
-    const T* x = dbias_threads + t * H * NN;
-    for (int64_t k = 0; k < H * NN; ++k) acc[k] += x[k];
+    const T* x = dbias_threads + t * block;
+    for (int64_t k = 0; k < block; ++k) acc[k] += x[k];
   }
   for (int64_t h = 0; h < H; ++h) {
     T* column = columns + h * rows;
-    const T* a = acc + h * NN;
-    for (int64_t ij = 0; ij < NN; ++ij) column[rel[ij]] += a[ij];
+    for (int64_t i = 0; i < N; ++i) {
+      const T* a = acc + (h * N + i) * Np;
+      const int64_t* r = rel + i * N;
+      for (int64_t j = 0; j < N; ++j) column[r[j]] += a[j];
+    }
   }
 }
 
-// dtable[rel[i, j], h] = sum over threads t of dbias_threads[t, h, i, j], scattered head by head into the
-// transposed table (a head's T values stay in L1); index_add_ into the (T, H) table took ~150 us a call at 24 heads.
+// dtable[rel[i, j], h] = sum over threads t of dbias_threads[t, h, i, j] (rows padded to Np), scattered head by
+// head into the transposed table (a head's T values stay in L1); index_add_ into the (T, H) table took ~150 us a
+// call at 24 heads.
 at::Tensor table_grad(at::Tensor& dbias_threads, const at::Tensor& rel, int64_t T) {
-  const int64_t threads = dbias_threads.size(0), H = dbias_threads.size(1), NN = rel.numel();
+  const int64_t threads = dbias_threads.size(0), H = dbias_threads.size(1), N = dbias_threads.size(2);
   at::Tensor columns = at::zeros({H, T}, dbias_threads.options());
   AT_DISPATCH_FLOATING_TYPES(dbias_threads.scalar_type(), "window_attention_table_grad", [&] {
-    sum_scatter_rows(dbias_threads.data_ptr<scalar_t>(), threads, H, rel.data_ptr<int64_t>(), NN, T,
-                     columns.data_ptr<scalar_t>());
+    sum_scatter_rows(dbias_threads.data_ptr<scalar_t>(), threads, H, rel.data_ptr<int64_t>(), N,
+                     dbias_threads.size(3), T, columns.data_ptr<scalar_t>());
   });
   return columns.t().contiguous();
 }
@@ -96,23 +102,41 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // The additive score terms, built once per call, Np = N rounded up to the vector width:
 //   bias (H, N, Np): table[rel_index[i, j], h]; -inf in the padding columns j >= N
 //   mask (nW, N, Np): -inf for padded keys, -100 across shift regions, 0 otherwise (one zero window without region)
+// The bias is filled by the threads of the kernel's parallel region, a share of the heads each (its gathers cost
+// as much as a few tiles); what they read is prepared here: the transposed table and 32-bit indices, so that a
+// head's rows are contiguous gathers.
 template <typename T>
-std::vector<T> make_bias(const T* table, const int64_t* rel, const WindowShape& s, int64_t Np) {
-  // through the transposed table and 32-bit indices, so that a head's rows are contiguous 8-lane gathers
-  std::vector<T> columns(s.H * s.T);
-  for (int64_t t = 0; t < s.T; ++t)
-    for (int64_t h = 0; h < s.H; ++h) columns[h * s.T + t] = table[t * s.H + h];
-  const std::vector<int32_t> index(rel, rel + s.N * s.N);
-  std::vector<T> bias(s.H * s.N * Np, -std::numeric_limits<T>::infinity());
-  for (int64_t h = 0; h < s.H; ++h) {
-    const T* column = columns.data() + h * s.T;
+struct BiasSource {
+  std::vector<T> columns;        // (H, T): table transposed
+  std::vector<int32_t> index;    // (N, N): rel_index
+  std::unique_ptr<T[]> bias;     // (H, N, Np), filled by fill_bias
+  BiasSource(const T* table, const int64_t* rel, const WindowShape& s, int64_t Np)
+      : columns(s.H * s.T), index(rel, rel + s.N * s.N), bias(new T[s.H * s.N * Np]) {
+    for (int64_t t = 0; t < s.T; ++t)
+      for (int64_t h = 0; h < s.H; ++h) columns[h * s.T + t] = table[t * s.H + h];
+  }
+};
+
+// heads [h0, h1) of the bias
+template <typename T>
+void fill_bias(BiasSource<T>& src, const WindowShape& s, int64_t Np, int64_t h0, int64_t h1) {
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* column = src.columns.data() + h * s.T;
     for (int64_t i = 0; i < s.N; ++i) {
-      const int32_t* ri = index.data() + i * s.N;
-      T* bi = bias.data() + (h * s.N + i) * Np;
+      const int32_t* ri = src.index.data() + i * s.N;
+      T* bi = src.bias.get() + (h * s.N + i) * Np;
       for (int64_t j = 0; j < s.N; ++j) bi[j] = column[ri[j]];
+      for (int64_t j = s.N; j < Np; ++j) bi[j] = -std::numeric_limits<T>::infinity();
     }
   }
-  return bias;
+}
+
+// this thread's share of the bias, then wait for the others' (inside a parallel region)
+template <typename T>
+void fill_bias_together(BiasSource<T>& src, const WindowShape& s, int64_t Np) {
+  const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+  fill_bias(src, s, Np, s.H * t / n, s.H * (t + 1) / n);
+#pragma omp barrier
 }
 
 // The masks of the windows, deduplicated: a window whose tokens are all real and in one shift region (every
@@ -123,6 +147,8 @@ struct Masks {
   std::vector<T> rows;
   std::vector<int64_t> offset;
   const T* of(int64_t b) const { return rows.data() + offset[b % static_cast<int64_t>(offset.size())]; }
+  // nullptr for a window on the shared zero mask (its rows need not be read), else its rows
+  const T* nonzero(int64_t b) const { return offset[b % static_cast<int64_t>(offset.size())] ? of(b) : nullptr; }
 };
 
 template <typename T>
@@ -206,15 +232,20 @@ class TaskQueue {
 
 inline int64_t chunk_for(const WindowShape& s) { return std::max<int64_t>(1, 32768 / (s.N * s.N * s.D)); }
 
-// Row n of the (N, D) block x (row stride ld) into the cache.
-template <typename T>
+// Row n of the (N, D) block x (row stride ld) into the cache; for writing (owned, so that the stores that follow
+// do not each wait for their line) when write is true.
+template <bool write = false, typename T>
 inline void prefetch_row(const T* x, int64_t ld, int64_t n, int64_t D) {
-  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(x + n * ld + d);
+  const T* r = x + n * ld;
+  for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(r + d, write);
+  __builtin_prefetch(r + D - 1, write);   // the last line of a row that does not start on a line
 }
 
 template <typename T>
 struct ForwardArgs {
   WindowShape s;
+  int64_t Np;                 // score rows of the instruction set in use (padded_row)
+  BiasSource<T>* bias_src;    // filled at the start of the parallel region
   const T *qkv, *bias;
   const Masks<T>* masks;
   T scale;
@@ -224,10 +255,12 @@ struct ForwardArgs {
 template <typename T>
 struct BackwardArgs {
   WindowShape s;
+  int64_t Np;                 // score rows of the instruction set in use (padded_row)
+  BiasSource<T>* bias_src;    // filled at the start of the parallel region
   const T *qkv, *grad, *lse, *bias;
   const Masks<T>* masks;
   T scale;
-  T *dqkv, *dbias_threads;   // dbias_threads (threads, H, N, N): one block per thread
+  T *dqkv, *dbias_threads;   // dbias_threads (threads, H, N, Np): one block per thread
 };
 
 namespace base {   // the build's flags: 256-bit vectors (AVX2 + FMA on x86_64)
@@ -262,6 +295,7 @@ void forward_impl(const ForwardArgs<T>& a, CpuIsa isa) {
   TaskQueue queue(a.s.B * a.s.H, chunk_for(a.s));
 #pragma omp parallel num_threads(threads_for(a.s))
   {
+    fill_bias_together(*a.bias_src, a.s, a.Np);
 #ifdef ESVIT_HAVE_AVX512
     if (isa == CpuIsa::avx512)
       avx512::forward_tiles(a, queue);
@@ -276,7 +310,8 @@ void backward_impl(const BackwardArgs<T>& a, CpuIsa isa) {
   TaskQueue queue(a.s.B * a.s.H, chunk_for(a.s));
 #pragma omp parallel num_threads(threads_for(a.s))
   {
-    T* dbias = a.dbias_threads + omp_get_thread_num() * a.s.H * a.s.N * a.s.N;
+    fill_bias_together(*a.bias_src, a.s, a.Np);
+    T* dbias = a.dbias_threads + omp_get_thread_num() * a.s.H * a.s.N * a.Np;
 #ifdef ESVIT_HAVE_AVX512
     if (isa == CpuIsa::avx512)
       avx512::backward_tiles(a, queue, dbias);
@@ -303,10 +338,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_forward_cpu", [&] {
     const int64_t Np = padded_row<scalar_t>(s.N, isa);
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
-    const std::vector<scalar_t> bias = make_bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
+    BiasSource<scalar_t> bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
     const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
-    forward_impl<scalar_t>({s, qkv.data_ptr<scalar_t>(), bias.data(), &masks, static_cast<scalar_t>(scale),
-                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()}, isa);
+    forward_impl<scalar_t>({s, Np, &bias, qkv.data_ptr<scalar_t>(), bias.bias.get(), &masks,
+                            static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()}, isa);
   });
   return {out, lse};
 }
@@ -324,17 +359,17 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
   const at::Tensor lse = lse_in.contiguous();   // out_in: only its shape is used on the CPU
   check_rel_index_range(rel, s.T);
   at::Tensor dqkv = at::empty_like(qkv);
-  const int threads = threads_for(s);
-  at::Tensor dbias_threads = at::zeros({threads, s.H, s.N, s.N}, qkv.options());
   const CpuIsa isa = cpu_isa();
+  at::Tensor dbias_threads;
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_backward_cpu", [&] {
     const int64_t Np = padded_row<scalar_t>(s.N, isa);
+    dbias_threads = at::zeros({threads_for(s), s.H, s.N, Np}, qkv.options());
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
-    const std::vector<scalar_t> bias = make_bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
+    BiasSource<scalar_t> bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
     const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
-    backward_impl<scalar_t>({s, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                             bias.data(), &masks, static_cast<scalar_t>(scale), dqkv.data_ptr<scalar_t>(),
-                             dbias_threads.data_ptr<scalar_t>()}, isa);
+    backward_impl<scalar_t>({s, Np, &bias, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                             lse.data_ptr<scalar_t>(), bias.bias.get(), &masks, static_cast<scalar_t>(scale),
+                             dqkv.data_ptr<scalar_t>(), dbias_threads.data_ptr<scalar_t>()}, isa);
   });
   return {dqkv, table_grad(dbias_threads, rel, table.size(0))};
 }

@@ -72,10 +72,65 @@ ESVIT_INLINE Vec<double> exp_lanes(Vec<double> x) {
   return x;
 }
 
-template <typename V>
-ESVIT_INLINE auto hsum(V v) {
-  auto r = v[0];
-  for (size_t l = 1; l < sizeof(V) / sizeof(r); ++l) r += v[l];
+// log of every lane for x >= FLT_MIN (the forward's row sums, >= 1): x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, to s^9 (relative error ~1e-8 before rounding). A NaN
+// stays NaN. One call a row was ~15% of the forward's time at Swin-T's last stage.
+ESVIT_INLINE Vec<float> log_lanes(Vec<float> x) {
+  typedef int32_t Ints __attribute__((vector_size(ESVIT_VEC_BYTES)));
+  const Ints bits = reinterpret_cast<Ints>(x);
+  Ints e = ((bits >> 23) & 0xff) - 127;
+  Vec<float> m = reinterpret_cast<Vec<float>>((bits & 0x007fffff) | 0x3f800000);   // [1, 2)
+  const Ints big = m > 1.41421356f;                                                 // -1 where m > sqrt(2)
+  m = big ? m * 0.5f : m;
+  e -= big;
+  const Vec<float> f = m - 1.0f;
+  const Vec<float> t = f / (f + 2.0f), z = t * t;
+  const Vec<float> series = 1.0f + z * (1.0f / 3 + z * (1.0f / 5 + z * (1.0f / 7 + z * (1.0f / 9))));
+  const Vec<float> r = __builtin_convertvector(e, Vec<float>) * 0.693147180559945f + 2.0f * t * series;
+  return x == x ? r : x;
+}
+ESVIT_INLINE Vec<double> log_lanes(Vec<double> x) {
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::log(x[l]);
+  return x;
+}
+
+// Sum and max of the lanes as a tree of shuffles (a chain of scalar adds over 16 lanes cost ~50 cycles a row).
+ESVIT_INLINE float hsum(Vec<float> v) {
+#if ESVIT_VEC_BYTES == 64
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  const __m256 x = reinterpret_cast<__m256>(v);
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+#else
+  float r = v[0];
+  for (int l = 1; l < kLanes<float>; ++l) r += v[l];
+  return r;
+#endif
+}
+ESVIT_INLINE float hmax(Vec<float> v) {
+#if ESVIT_VEC_BYTES == 64
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  const __m256 x = reinterpret_cast<__m256>(v);
+  __m128 r = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_max_ss(r, _mm_movehdup_ps(r)));
+#else
+  float r = v[0];
+  for (int l = 1; l < kLanes<float>; ++l) r = std::max(r, v[l]);
+  return r;
+#endif
+}
+ESVIT_INLINE double hsum(Vec<double> v) {   // float64: gradcheck only
+  double r = v[0];
+  for (int l = 1; l < kLanes<double>; ++l) r += v[l];
+  return r;
+}
+ESVIT_INLINE double hmax(Vec<double> v) {
+  double r = v[0];
+  for (int l = 1; l < kLanes<double>; ++l) r = std::max(r, v[l]);
   return r;
 }
 
@@ -150,14 +205,14 @@ template <typename T>
 struct Scratch {
   int64_t N, D, Np, Dp;
   bool direct;
-  std::vector<T> buf, inv;
+  std::vector<T> buf, inv, rowmax, lse;   // per score row, padded to a whole vector
   T *kt, *vt, *s, *p, *q, *k, *v, *g, *o;
   ESVIT_TARGET Scratch(int64_t n, int64_t d)
       : N(n), D(d), Np(round_up(n, kLanes<T>)), Dp(round_up(d, kLanes<T>)) {
     direct = Dp == D;
     const int64_t padded = N * Dp;
     buf.assign(2 * D * Np + 2 * N * Np + 5 * padded, T(0));
-    inv.assign(N, T(0));
+    for (std::vector<T>* r : {&inv, &rowmax, &lse}) r->assign(round_up(N, kLanes<T>), T(1));
     T* ptr = buf.data();
     for (T** t : {&kt, &vt}) *t = ptr, ptr += D * Np;
     for (T** t : {&s, &p}) *t = ptr, ptr += N * Np;
@@ -201,19 +256,33 @@ struct Scratch {
   }
 };
 
-// x += b + m over one score row of n (a positive multiple of the vector width); returns max(x).
-template <typename T>
+// x += b (+ m when masked) over one score row of n (a positive multiple of the vector width); returns max(x).
+template <bool masked, typename T>
 ESVIT_INLINE T add_row_max(T* x, const T* b, const T* m, int64_t n) {
   constexpr int L = kLanes<T>;
   Vec<T> mx = load(x), v;
   for (int64_t j = 0; j < n; j += L) {
-    v = load(x + j) + load(b + j) + load(m + j);
+    v = load(x + j) + load(b + j);
+    if constexpr (masked) v += load(m + j);
     store(x + j, v);
     mx = j == 0 ? v : (v > mx ? v : mx);
   }
-  T r = mx[0];
-  for (int l = 1; l < L; ++l) r = std::max(r, mx[l]);
-  return r;
+  return hmax(mx);
+}
+
+// One score row of the backward: p = exp(p + b (+ m) - lse) in place; returns delta = sum_j p_j dp_j
+template <bool masked, typename T>
+ESVIT_INLINE T probs_and_delta(T* p, const T* dp, const T* b, const T* m, T lse, int64_t n) {
+  const Vec<T> li = Vec<T>{} + lse;
+  Vec<T> dv{};
+  for (int64_t j = 0; j < n; j += kLanes<T>) {
+    Vec<T> x = load(p + j) + load(b + j);
+    if constexpr (masked) x += load(m + j);
+    const Vec<T> e = exp_lanes(x - li);
+    store(p + j, e);
+    dv += e * load(dp + j);
+  }
+  return hsum(dv);
 }
 
 // One thread's share of the forward: out (B_, N, H*D), lse (B_, H, N) for the tiles it takes from `queue`.
@@ -231,24 +300,30 @@ ESVIT_TARGET void forward_tiles(const ForwardArgs<T>& a, TaskQueue& queue) {
     const auto [vb, lv] = t.operand(q + 2 * HD, row, t.v);
     gemm(qa, lq, int64_t(1), t.kt, Np, t.s, Np, N, D, Np, a.scale);          // S = scale q k^T
     const T* bh = a.bias + h * N * Np;
-    const T* mw = a.masks->of(b);
-    T* l = a.lse + it.task * N;
+    const T* mw = a.masks->nonzero(b);
     const T* q_next = it.next < 0 ? nullptr : a.qkv + (it.next / s.H) * N * row + (it.next % s.H) * D;
-    for (int64_t i = 0; i < N; ++i) {                      // exp(S + bias + mask - max); 1 / rowsum in O
-      if (q_next)
+    for (int64_t i = 0; i < N; ++i) {                      // exp(S + bias + mask - max), row sums
+      if (q_next) {                                        // the next tile's q, k, v and output rows
         for (int64_t part = 0; part < 3; ++part) prefetch_row(q_next + part * HD, row, i, D);
+        prefetch_row<true>(a.out + (it.next / s.H) * N * HD + (it.next % s.H) * D, HD, i, D);
+      }
       T* x = t.s + i * Np;
-      const T m = add_row_max(x, bh + i * Np, mw + i * Np, Np);
+      const T m = mw ? add_row_max<true>(x, bh + i * Np, mw + i * Np, Np) : add_row_max<false>(x, bh + i * Np, mw, Np);
       Vec<T> sums{};
       for (int64_t j = 0; j < Np; j += kLanes<T>) {
         const Vec<T> e = exp_lanes(load(x + j) - m);
         store(x + j, e);
         sums += e;
       }
-      const T sum = hsum(sums);
-      l[i] = m + std::log(sum);
-      t.inv[i] = T(1) / sum;
+      t.rowmax[i] = m;
+      t.inv[i] = hsum(sums);
     }
+    for (int64_t i = 0; i < N; i += kLanes<T>) {           // lse = max + log(sum); 1 / sum applied in O
+      const Vec<T> sum = load(t.inv.data() + i);
+      store(t.lse.data() + i, load(t.rowmax.data() + i) + log_lanes(sum));
+      store(t.inv.data() + i, T(1) / sum);
+    }
+    std::memcpy(a.lse + it.task * N, t.lse.data(), N * sizeof(T));
     T* o = a.out + b * N * HD + h * D;
     const auto [oc, lo] = t.result(o, HD);
     gemm(t.s, Np, int64_t(1), vb, lv, oc, lo, N, N, t.Dp, T(1), t.inv.data());  // O = P v / rowsum
@@ -257,7 +332,7 @@ ESVIT_TARGET void forward_tiles(const ForwardArgs<T>& a, TaskQueue& queue) {
 }
 
 // One thread's share of the backward: dqkv (B_, N, 3, H, D) of its tiles, their bias gradients summed into
-// dbias (H, N, N), this thread's own block.
+// dbias (H, N, Np), this thread's own block (zero in the padding columns, whose dS is 0).
 template <typename T>
 ESVIT_TARGET void backward_tiles(const BackwardArgs<T>& a, TaskQueue& queue, T* dbias) {
   const WindowShape& s = a.s;
@@ -275,30 +350,31 @@ ESVIT_TARGET void backward_tiles(const BackwardArgs<T>& a, TaskQueue& queue, T* 
     const auto [ga, lg] = t.operand(g, HD, t.g);
     gemm(qa, lq, int64_t(1), t.kt, Np, t.p, Np, N, D, Np, a.scale);        // S again; P = exp(S - lse) below
     const T* bh = a.bias + h * N * Np;
-    const T* mw = a.masks->of(b);
+    const T* mw = a.masks->nonzero(b);
     const T* l = a.lse + it.task * N;
     const int64_t bn = it.next / s.H, hn = it.next % s.H;
     gemm(ga, lg, int64_t(1), t.vt, Np, t.s, Np, N, D, Np, T(1));           // dP = dO v^T
-    T* db = dbias + h * N * N;
+    T* db = dbias + h * N * Np;
     for (int64_t i = 0; i < N; ++i) {                                        // P, then dS = P (dP - delta)
-      if (it.next >= 0) {                                                    // the next tile's q, k, v, dO
-        for (int64_t part = 0; part < 3; ++part)
+      if (it.next >= 0) {                                       // the next tile's q, k, v, dO and dq, dk, dv rows
+        for (int64_t part = 0; part < 3; ++part) {
           prefetch_row(a.qkv + bn * N * row + part * HD + hn * D, row, i, D);
+          prefetch_row<true>(a.dqkv + bn * N * row + part * HD + hn * D, row, i, D);
+        }
         prefetch_row(a.grad + bn * N * HD + hn * D, HD, i, D);
       }
       T* ds = t.s + i * Np;
       T* p = t.p + i * Np;
-      const Vec<T> li = Vec<T>{} + l[i];
-      Vec<T> dv{};                       // delta_i = rowsum(dO * O)_i = sum_j P_ij dP_ij: O itself is not read
+      // delta_i = rowsum(dO * O)_i = sum_j P_ij dP_ij: O itself is not read
+      const T delta = mw ? probs_and_delta<true>(p, ds, bh + i * Np, mw + i * Np, l[i], Np)
+                         : probs_and_delta<false>(p, ds, bh + i * Np, mw, l[i], Np);
+      const Vec<T> di = Vec<T>{} + delta;
+      T* dbi = db + i * Np;
       for (int64_t j = 0; j < Np; j += L) {
-        const Vec<T> e = exp_lanes(load(p + j) + (load(bh + i * Np + j) + load(mw + i * Np + j) - li));
-        store(p + j, e);
-        dv += e * load(ds + j);
+        const Vec<T> d = load(p + j) * (load(ds + j) - di);
+        store(ds + j, d);
+        store(dbi + j, load(dbi + j) + d);
       }
-      const Vec<T> di = Vec<T>{} + hsum(dv);
-      for (int64_t j = 0; j < Np; j += L) store(ds + j, load(p + j) * (load(ds + j) - di));
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) db[i * N + j] += ds[j];
     }
     T* dq = a.dqkv + b * N * row + h * D;
     auto [c, lc] = t.result(dq, row);
