@@ -3,7 +3,8 @@
 Each op asks `backend(op, tensor)` which implementation to run:
     "cuda"      the tensor is on a GPU and _C was built with CUDA
     "cpu"       the tensor is on the CPU, in a dtype the CPU kernels support (float32, float64), run with the
-                vector instruction set cpu_isa() names (avx512 where the CPU has it, else avx2; see set_cpu_isa)
+                vector instruction set cpu_isa() names for the ops of CPU_ISA_OPS (avx512 where the CPU has it,
+                else avx2; see set_cpu_isa), with the build's own (avx2) for the others
     "reference" the pure-PyTorch reference: forced by config, op disabled, _C missing, or unsupported dtype
 The first use of each (op, backend) is logged once, with the reason when it is the reference.
 """
@@ -17,6 +18,7 @@ import torch
 log = logging.getLogger("esvit_scale.ops")
 
 OPS = ("window_attention", "region_matching")
+CPU_ISA_OPS = ("window_attention",)   # CPU kernels built for several instruction sets (the others: the build's)
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -86,7 +88,7 @@ def backend(op: str, x: torch.Tensor, use_kernel: bool = True) -> str:
         ok = _C.built_with_cuda() and x.dtype in CUDA_DTYPES
         choice, why = ("cuda", "") if ok else ("reference", f"no CUDA kernel for {x.dtype} / CPU-only build")
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES:
-        choice, why = "cpu", _C.cpu_isa()
+        choice, why = "cpu", _C.cpu_isa() if op in CPU_ISA_OPS else ""
     else:
         choice, why = "reference", f"no kernel for {x.device.type} {x.dtype}"
     if (op, choice) not in _logged:
