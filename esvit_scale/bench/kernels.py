@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, get_relative_position_index
 
-from esvit_scale.bench.report import write_json
+from esvit_scale.bench.report import cpu_model, write_json
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (
     consumable_chunks, matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference, region_argmax,
@@ -411,17 +411,6 @@ def _print_region_loss_step(report: dict) -> None:
           f"(x{r.get('memory_ratio_vs_reference')}), kept for backward MiB {r['retained_by_forward_mib']}")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -429,7 +418,7 @@ def run(args) -> None:
     _ext.configure(cpu_isa=args.cpu_isa)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_isa": _ext.cpu_isa(),
         "threads": torch.get_num_threads(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],

@@ -52,18 +52,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, help="write the results here")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process (all threads: DALI's) and of its reaped children (DataLoader workers)."""
     import resource
@@ -101,7 +89,7 @@ def run(args) -> dict:
 
     import torch
 
-    from esvit_scale.bench.report import write_json
+    from esvit_scale.bench.report import cpu_model, write_json
     from esvit_scale.config import DataConfig
     from esvit_scale.data.folder import index_folder
 
@@ -134,7 +122,7 @@ def run(args) -> dict:
         "folder": folder if tmp is None else f"generated: {args.num_images} JPEGs of ~450x475",
         "num_images": len(index), "batch_size": args.batch_size, "workers_or_threads": args.workers,
         "crops": f"2 x {args.global_size} + {args.local_number} x {args.local_size}",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
         "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "loaders": results,
     }

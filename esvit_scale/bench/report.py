@@ -12,6 +12,18 @@ import sys
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), what a CPU figure has to be quoted with."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def write_json(report: dict, path: str | None) -> None:
     if not path:
         return
