@@ -2,6 +2,9 @@
 
 #include <c10/util/Exception.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -67,5 +70,14 @@ CpuIsa cpu_isa() {
 }
 
 void set_cpu_isa(const std::string& name) { set_from(name, "set_cpu_isa"); }
+
+int l1d_ways() {
+#ifdef _SC_LEVEL1_DCACHE_ASSOC
+  static const int ways = static_cast<int>(std::max(0L, sysconf(_SC_LEVEL1_DCACHE_ASSOC)));
+  return ways;
+#else
+  return 0;
+#endif
+}
 
 }  // namespace esvit

@@ -22,4 +22,6 @@ std::string cpu_isa_name(CpuIsa isa);
 std::vector<std::string> supported_cpu_isas();     // this CPU and build, best last
 void set_cpu_isa(const std::string& name);         // "auto" or one of supported_cpu_isas()
 
+int l1d_ways();   // associativity of the L1 data cache (sysconf), 0 when the system does not say
+
 }  // namespace esvit

@@ -246,6 +246,7 @@ struct ForwardArgs {
   WindowShape s;
   int64_t Np;                 // score rows of the instruction set in use (padded_row)
   BiasSource<T>* bias_src;    // filled at the start of the parallel region
+  bool copy_crowded;          // copy operands whose rows crowd L1 sets (Scratch::operand)
   const T *qkv, *bias;
   const Masks<T>* masks;
   T scale;
@@ -257,6 +258,7 @@ struct BackwardArgs {
   WindowShape s;
   int64_t Np;                 // score rows of the instruction set in use (padded_row)
   BiasSource<T>* bias_src;    // filled at the start of the parallel region
+  bool copy_crowded;          // copy operands whose rows crowd L1 sets (Scratch::operand)
   const T *qkv, *grad, *lse, *bias;
   const Masks<T>* masks;
   T scale;
@@ -340,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
     BiasSource<scalar_t> bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
     const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
-    forward_impl<scalar_t>({s, Np, &bias, qkv.data_ptr<scalar_t>(), bias.bias.get(), &masks,
+    forward_impl<scalar_t>({s, Np, &bias, l1d_ways() <= 8, qkv.data_ptr<scalar_t>(), bias.bias.get(), &masks,
                             static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()}, isa);
   });
   return {out, lse};
@@ -367,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
     BiasSource<scalar_t> bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
     const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
-    backward_impl<scalar_t>({s, Np, &bias, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>({s, Np, &bias, l1d_ways() <= 8, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
                              lse.data_ptr<scalar_t>(), bias.bias.get(), &masks, static_cast<scalar_t>(scale),
                              dqkv.data_ptr<scalar_t>(), dbias_threads.data_ptr<scalar_t>()}, isa);
   });

@@ -204,11 +204,11 @@ ESVIT_TARGET inline void gemm(const T* a, int64_t ars, int64_t aks, const T* b, 
 template <typename T>
 struct Scratch {
   int64_t N, D, Np, Dp;
-  bool direct;
+  bool direct, copy_crowded;
   std::vector<T> buf, inv, rowmax, lse;   // per score row, padded to a whole vector
   T *kt, *vt, *s, *p, *q, *k, *v, *g, *o;
-  ESVIT_TARGET Scratch(int64_t n, int64_t d)
-      : N(n), D(d), Np(round_up(n, kLanes<T>)), Dp(round_up(d, kLanes<T>)) {
+  ESVIT_TARGET Scratch(int64_t n, int64_t d, bool copy_crowded_rows)
+      : N(n), D(d), Np(round_up(n, kLanes<T>)), Dp(round_up(d, kLanes<T>)), copy_crowded(copy_crowded_rows) {
     direct = Dp == D;
     const int64_t padded = N * Dp;
     buf.assign(2 * D * Np + 2 * N * Np + 5 * padded, T(0));
@@ -239,10 +239,12 @@ struct Scratch {
     }
   }
   // a matrix operand (N, D) of row stride ld: in place, or copied into `pad` (N, Dp) when D is not a multiple of
-  // the vector width or when its rows would crowd a few L1 sets: rows a multiple of 512 bytes apart (Swin-T's
-  // last two stages) map onto at most 8 of the 64 sets, more rows per set than a set has ways
+  // the vector width or, with copy_crowded, when its rows would crowd a few L1 sets: rows a multiple of 512 bytes
+  // apart (Swin-T's last two stages) map onto at most 8 of the 64 sets, more rows per set than an 8-way L1 has
+  // ways (measured: copying paid on an 8-way 32 KiB L1, Zen 3; on a 12-way 48 KiB one, Zen 5, reading in place
+  // was 5-9% faster at those stages)
   ESVIT_TARGET std::pair<const T*, int64_t> operand(const T* x, int64_t ld, T* pad) const {
-    if (direct && ld * sizeof(T) % 512 != 0) return {x, ld};
+    if (direct && (!copy_crowded || ld * sizeof(T) % 512 != 0)) return {x, ld};
     copy_rows(x, ld, pad, Dp, N, D);
     return {pad, Dp};
   }
@@ -290,7 +292,7 @@ template <typename T>
 ESVIT_TARGET void forward_tiles(const ForwardArgs<T>& a, TaskQueue& queue) {
   const WindowShape& s = a.s;
   const int64_t N = s.N, D = s.D, HD = s.H * s.D, row = 3 * HD;
-  Scratch<T> t(N, D);
+  Scratch<T> t(N, D, a.copy_crowded);
   const int64_t Np = t.Np;
   for (TaskQueue::Cursor it(queue); it.task >= 0; it.advance()) {
     const int64_t b = it.task / s.H, h = it.task % s.H;
@@ -338,7 +340,7 @@ ESVIT_TARGET void backward_tiles(const BackwardArgs<T>& a, TaskQueue& queue, T* 
   const WindowShape& s = a.s;
   const int64_t N = s.N, D = s.D, HD = s.H * s.D, row = 3 * HD;
   constexpr int L = kLanes<T>;
-  Scratch<T> t(N, D);
+  Scratch<T> t(N, D, a.copy_crowded);
   const int64_t Np = t.Np, Dp = t.Dp;
   for (TaskQueue::Cursor it(queue); it.task >= 0; it.advance()) {
     const int64_t b = it.task / s.H, h = it.task % s.H;
