@@ -28,6 +28,10 @@
 #include "cpu_math.h"
 #include "ops.h"
 
+// Built without -mavx2 (ESVIT_NO_AVX2=1), GCC notes that 32-byte vector arguments change the ABI; the tile code
+// passes vectors only between always-inline functions, so no call depends on it.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace esvit {
 
 WindowShape check_window_attention(const at::Tensor& qkv, const at::Tensor& table, const at::Tensor& rel_index,
