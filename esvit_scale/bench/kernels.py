@@ -415,7 +415,10 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    _ext.configure(cpu_isa=args.cpu_isa)
+    try:
+        _ext.configure(cpu_isa=args.cpu_isa)
+    except ValueError as e:
+        raise SystemExit(f"--cpu-isa {args.cpu_isa}: {e}") from None
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_model": cpu_model(),
