@@ -245,27 +245,27 @@ inline void prefetch_row(const T* x, int64_t ld, int64_t n, int64_t D) {
   __builtin_prefetch(r + D - 1, write);   // the last line of a row that does not start on a line
 }
 
+// What the tile loops of both passes read: the call's shape and score-row width, its bias and masks, its input.
 template <typename T>
-struct ForwardArgs {
+struct TileArgs {
   WindowShape s;
   int64_t Np;                 // score rows of the instruction set in use (padded_row)
   BiasSource<T>* bias_src;    // filled at the start of the parallel region
   bool copy_crowded;          // copy operands whose rows crowd L1 sets (Scratch::operand)
-  const T *qkv, *bias;
   const Masks<T>* masks;
   T scale;
+  const T* qkv;
+  const T* bias() const { return bias_src->bias.get(); }
+};
+
+template <typename T>
+struct ForwardArgs : TileArgs<T> {
   T *out, *lse;
 };
 
 template <typename T>
-struct BackwardArgs {
-  WindowShape s;
-  int64_t Np;                 // score rows of the instruction set in use (padded_row)
-  BiasSource<T>* bias_src;    // filled at the start of the parallel region
-  bool copy_crowded;          // copy operands whose rows crowd L1 sets (Scratch::operand)
-  const T *qkv, *grad, *lse, *bias;
-  const Masks<T>* masks;
-  T scale;
+struct BackwardArgs : TileArgs<T> {
+  const T *grad, *lse;
   T *dqkv, *dbias_threads;   // dbias_threads (threads, H, N, Np): one block per thread
 };
 
@@ -346,8 +346,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_forward_cpu(
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
     BiasSource<scalar_t> bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
     const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
-    forward_impl<scalar_t>({s, Np, &bias, l1d_ways() <= 8, qkv.data_ptr<scalar_t>(), bias.bias.get(), &masks,
-                            static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()}, isa);
+    const TileArgs<scalar_t> tiles{s, Np, &bias, l1d_ways() <= 8, &masks, static_cast<scalar_t>(scale),
+                                   qkv.data_ptr<scalar_t>()};
+    forward_impl<scalar_t>({tiles, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>()}, isa);
   });
   return {out, lse};
 }
@@ -373,9 +374,10 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward_cpu(
     const int32_t* reg = region.numel() > 0 ? region.data_ptr<int32_t>() : nullptr;
     BiasSource<scalar_t> bias(table.data_ptr<scalar_t>(), rel.data_ptr<int64_t>(), s, Np);
     const Masks<scalar_t> masks = make_mask<scalar_t>(reg, s, Np);
-    backward_impl<scalar_t>({s, Np, &bias, l1d_ways() <= 8, qkv.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                             lse.data_ptr<scalar_t>(), bias.bias.get(), &masks, static_cast<scalar_t>(scale),
-                             dqkv.data_ptr<scalar_t>(), dbias_threads.data_ptr<scalar_t>()}, isa);
+    const TileArgs<scalar_t> tiles{s, Np, &bias, l1d_ways() <= 8, &masks, static_cast<scalar_t>(scale),
+                                   qkv.data_ptr<scalar_t>()};
+    backward_impl<scalar_t>({tiles, grad.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), dqkv.data_ptr<scalar_t>(),
+                             dbias_threads.data_ptr<scalar_t>()}, isa);
   });
   return {dqkv, table_grad(dbias_threads, rel, table.size(0))};
 }

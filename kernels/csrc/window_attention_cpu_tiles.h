@@ -301,7 +301,7 @@ ESVIT_TARGET void forward_tiles(const ForwardArgs<T>& a, TaskQueue& queue) {
     const auto [qa, lq] = t.operand(q, row, t.q);
     const auto [vb, lv] = t.operand(q + 2 * HD, row, t.v);
     gemm(qa, lq, int64_t(1), t.kt, Np, t.s, Np, N, D, Np, a.scale);          // S = scale q k^T
-    const T* bh = a.bias + h * N * Np;
+    const T* bh = a.bias() + h * N * Np;
     const T* mw = a.masks->nonzero(b);
     const T* q_next = it.next < 0 ? nullptr : a.qkv + (it.next / s.H) * N * row + (it.next % s.H) * D;
     for (int64_t i = 0; i < N; ++i) {                      // exp(S + bias + mask - max), row sums
@@ -351,7 +351,7 @@ ESVIT_TARGET void backward_tiles(const BackwardArgs<T>& a, TaskQueue& queue, T* 
     const auto [kb, lk] = t.operand(q + HD, row, t.k);
     const auto [ga, lg] = t.operand(g, HD, t.g);
     gemm(qa, lq, int64_t(1), t.kt, Np, t.p, Np, N, D, Np, a.scale);        // S again; P = exp(S - lse) below
-    const T* bh = a.bias + h * N * Np;
+    const T* bh = a.bias() + h * N * Np;
     const T* mw = a.masks->nonzero(b);
     const T* l = a.lse + it.task * N;
     const int64_t bn = it.next / s.H, hn = it.next % s.H;
