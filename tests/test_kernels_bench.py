@@ -22,6 +22,7 @@ def test_kernel_benchmark_reports_every_case(tmp_path):
     from esvit_scale import _C
     isas = list(_C.supported_cpu_isas())
     assert report["cpu_isa"] == isas[-1]                    # the best one, the others timed next to it
+    assert set(report["cpu_fma_peak_gflops_per_thread_by_isa"]) == set(isas)
     others = isas[:-1]
     stages = report["window_attention"]
     assert [r["stage_map"] for r in stages] == [[56, 56], [28, 28], [14, 14], [7, 7]]

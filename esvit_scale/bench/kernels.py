@@ -143,15 +143,21 @@ def time_variants(variants: dict[str, Callable[[], None]], rounds: int, device: 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+@contextlib.contextmanager
+def running_on(isa: str):
+    """The CPU kernels on another instruction set inside the block (the choice in force is restored after)."""
+    current = _ext.cpu_isa()
+    _ext.extension().set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        _ext.extension().set_cpu_isa(current)
+
+
 def with_cpu_isa(isa: str, fn: Callable[[], None]) -> Callable[[], None]:
-    """fn run with the CPU kernels on another instruction set (the choice in force is restored after)."""
     def run():
-        current = _ext.cpu_isa()
-        _ext.extension().set_cpu_isa(isa)
-        try:
+        with running_on(isa):
             fn()
-        finally:
-            _ext.extension().set_cpu_isa(current)
     return run
 
 
@@ -364,10 +370,9 @@ def _print_table(report: dict) -> None:
     print(f"device {report['device']} ({report['cpu_model']})  threads {report['threads']}  "
           f"backends {report['backends']}  cpu isa {report['cpu_isa']}  "
           f"load average {report['load_average_before']} -> {report['load_average_after']}")
-    peaks = {k[len("cpu_fma_peak_gflops_per_thread"):].lstrip("_") or report["cpu_isa"]: v
-             for k, v in report.items() if k.startswith("cpu_fma_peak_gflops_per_thread")}
-    if peaks:
-        print("fp32 FMA peak, one thread: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peaks.items()))
+    if "cpu_fma_peak_gflops_per_thread_by_isa" in report:
+        print("fp32 FMA peak, one thread: " + ", ".join(
+            f"{isa} {v} GFLOP/s" for isa, v in report["cpu_fma_peak_gflops_per_thread_by_isa"].items()))
     if "window_attention" in report:
         _print_window_attention(report)
     if "region_matching" in report:
@@ -431,10 +436,11 @@ def run(args) -> None:
         # the yardstick for the fused ops' GFLOP/s: fp32 FMA throughput of one thread with the vectors the kernels
         # use, measured now (and with those of the other instruction sets, for the variants timed on them)
         report["cpu_fma_peak_gflops_per_thread"] = round(_ext.extension().cpu_fma_peak_gflops(), 1)
+        peaks = {_ext.cpu_isa(): report["cpu_fma_peak_gflops_per_thread"]}
         for isa in other_cpu_isas(device):
-            peak = {}
-            with_cpu_isa(isa, lambda: peak.setdefault(isa, _ext.extension().cpu_fma_peak_gflops()))()
-            report[f"cpu_fma_peak_gflops_per_thread_{isa}"] = round(peak[isa], 1)
+            with running_on(isa):
+                peaks[isa] = round(_ext.extension().cpu_fma_peak_gflops(), 1)
+        report["cpu_fma_peak_gflops_per_thread_by_isa"] = peaks
     for kind in ("memory", "time"):
         meter = Meter(kind, args.rounds, device)
         with _rss_tracks_tensors() if kind == "memory" else contextlib.nullcontext():
