@@ -16,16 +16,22 @@ SLURM rank variables are read). DeepSpeed's own launcher works too.
 
 Resume: a run resumes by itself from the newest complete checkpoint in run.output_dir/checkpoints
 (student, optimizer, teacher, centres, epoch, step, position in the epoch, RNG), so re-running the same
-command continues it. SIGTERM or SIGUSR1 makes it save at the next step and exit with code 75.
+command continues it. SIGTERM or SIGUSR1 makes it save at the next step and exit with code 75 (during
+start-up: exit 75 at once, nothing to save); so does the SLURM job's time limit (run.exit_before_end_minutes).
+slurm/ has batch templates that requeue on 75, and slurm/README.md explains the exit codes.
 run.init_from=<checkpoint folder> starts a new run from another run's weights (e.g. a view-only run
 continued with loss.region_loss=true, the paper's W=14 recipe).
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from esvit_scale.cluster.signals import EXIT_PREEMPTED, StopRequest, record_exit_status
 
-from esvit_scale.config import ConfigError, load_config
+STOP = StopRequest().install() if __name__ == "__main__" else None     # before anything slow is imported
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from esvit_scale.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,9 +48,14 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    from esvit_scale.trainer import EXIT_PREEMPTED, train
-    summary = train(cfg)
-    return EXIT_PREEMPTED if summary["preempted"] else 0
+    from esvit_scale.trainer import train
+    stop = STOP or StopRequest().install()
+    summary = train(cfg, stop)
+    stop.finished()             # saved: a second signal must not kill the process while it shuts down
+    if summary["preempted"]:
+        record_exit_status(EXIT_PREEMPTED, f"saved at step {summary['steps']}")
+        return EXIT_PREEMPTED
+    return 0
 
 
 if __name__ == "__main__":

@@ -111,6 +111,13 @@ class RunConfig:
     # weights, centres and position are taken, heads missing there (the region head of a view-only run)
     # start fresh, and the optimizer starts anew. The paper's W=14 / Swin-B recipe: view-only, then +region.
     init_from: Optional[str] = None
+    # Cluster operations (see slurm/README.md). Under SLURM: save and exit with code 75 (requeue) this many minutes
+    # before the job's time limit, whether or not a signal comes; 0: off.
+    exit_before_end_minutes: float = 5.0
+    hang_timeout_minutes: float = 30.0    # no step completes in this time: every rank dumps its stacks, exits 70
+    dist_timeout_minutes: float = 30.0    # collective timeout of the process group
+    straggler_every_steps: int = 100      # gather the per-rank step times this often (0: off)
+    straggler_factor: float = 1.3         # a rank slower than this x the median, 3 reports in a row, is named
 
 
 @dataclass
@@ -289,5 +296,10 @@ def validate(cfg: Config) -> None:
     need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size", "must be >= 1")
     need(r.max_steps >= 0 and r.checkpoint_every_steps >= 0, "run.max_steps", "must be >= 0")
     need(0 <= r.stop_epoch <= o.epochs, "run.stop_epoch", f"must be in [0, optim.epochs={o.epochs}]")
+    need(r.exit_before_end_minutes >= 0, "run.exit_before_end_minutes", "must be >= 0 (0: off)")
+    need(r.hang_timeout_minutes >= 0, "run.hang_timeout_minutes", "must be >= 0 (0: off)")
+    need(r.dist_timeout_minutes > 0, "run.dist_timeout_minutes", "must be > 0")
+    need(r.straggler_every_steps >= 0, "run.straggler_every_steps", "must be >= 0 (0: off)")
+    need(r.straggler_factor > 1, "run.straggler_factor", "must be > 1")
     need(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
     need(all(k >= 1 for k in cfg.eval.knn_k) and cfg.eval.knn_k, "eval.knn_k", "must be a list of k >= 1")

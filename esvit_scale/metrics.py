@@ -46,6 +46,13 @@ class MetricsLogger:
             self.writer.add_scalar(key, value, step)
             self.jsonl.write(json.dumps({"step": step, key: value}) + "\n")
 
+    def scalars(self, group: str, values: dict[str, float], step: int) -> None:
+        """Named values of one concern (e.g. stragglers) as `group/name` in TensorBoard and one JSON line."""
+        if self.enabled:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+            self.jsonl.write(json.dumps({"step": step, group: values}) + "\n")
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -4,14 +4,16 @@ One optimizer step:
     teacher sees the 2 global crops, the student all crops -> EsViT loss -> backward -> DeepSpeed step
     -> teacher EMA update.
 Checkpoints are written every `run.checkpoint_every_steps` and at every epoch end; a run resumes from the
-newest complete one in its output folder. SIGTERM/SIGUSR1 make it save at the next step and stop.
+newest complete one in its output folder. SIGTERM/SIGUSR1, or the SLURM job's time limit drawing near, make it
+save at the next step and stop (esvit_scale/cluster: signals, time limit, hang watchdog, lost and slow ranks).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import signal
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,13 @@ import torch
 import torch.distributed as dist
 
 from esvit_scale import checkpoint as ckpt
+from esvit_scale.cluster.signals import EXIT_LOST_RANK, EXIT_PREEMPTED, StopRequest, record_exit_status
+from esvit_scale.cluster.faults import pause_point, stall_if_injected
 from esvit_scale.config import Config
 from esvit_scale.engine.distributed import DistInfo, init_distributed, resolve_device
 
 log = logging.getLogger("esvit_scale")
 
-EXIT_PREEMPTED = 75    # the run stopped on a signal after saving; run it again to continue
 
 
 @dataclass
@@ -37,16 +40,8 @@ class TrainState:
     knn_top1_init: Optional[dict] = None
 
 
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (preemption, SLURM's pre-timeout signal); read at step boundaries."""
-
-    def __init__(self):
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
+class Preempted(Exception):
+    """A stop request read during an evaluation: the state is saved already; the run ends as preempted."""
 
 
 def setup_logging(rank: int) -> None:
@@ -67,6 +62,14 @@ def quickstart_paths(cfg: Config) -> tuple[str, str, str]:
     return str(root / "train"), cfg.eval.train_path or str(root / "train"), cfg.eval.val_path or str(root / "val")
 
 
+def _any_rank(flag: bool) -> bool:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+    return flag
+
+
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()
@@ -76,7 +79,7 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stop: Optional[StopRequest] = None):
         from esvit_scale import ops
         from esvit_scale.data.build import build_loader
         from esvit_scale.data.folder import index_folder
@@ -87,13 +90,17 @@ class Trainer:
         from esvit_scale.schedules import build_schedules
 
         self.cfg = cfg
+        self.stop = stop or StopRequest().install()
         device = resolve_device(cfg.run.device)
-        self.dist: DistInfo = init_distributed(device)
+        self.dist: DistInfo = init_distributed(device, cfg.run.dist_timeout_minutes)
         setup_logging(self.dist.rank)
         self.out = Path(cfg.run.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            with self.stop.critical():
+                (self.out / "config.yaml").write_text(cfg.to_yaml())
+        if self.dist.is_main:
+            self.stop.deadline = _stop_deadline(cfg.run.exit_before_end_minutes)
         ops.configure(cfg.kernels)
 
         train_path, self.knn_train, self.knn_val = quickstart_paths(cfg)
@@ -107,6 +114,7 @@ class Trainer:
         self.global_batch = cfg.data.batch_size_per_gpu * self.dist.world_size * self.accum
         self.sched = build_schedules(cfg, self.global_batch, self.steps_per_epoch)
 
+        pause_point("build")
         torch.manual_seed(cfg.run.seed)                       # identical initial weights on every rank
         student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
         self.state = TrainState()
@@ -123,6 +131,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + 1000 * self.dist.rank)      # drop-path draws differ per rank
         if resume is not None:
             log.info("resuming from %s", resume)
+            pause_point("resume")
             client = ckpt.load_checkpoint(resume, self.engine, self.teacher)
             self.state = TrainState(**client["train_state"])
             self.loss_fn.load_state_dict(client["loss"])
@@ -140,10 +149,11 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.input_dtype, enabled=on_gpu)
 
     def forward_loss(self, crops: list[torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
-        crops = [c.to(self.dist.device, non_blocking=True) for c in crops]
-        with self.teacher_autocast():
-            teacher_out = self.teacher(crops[:2])
-        student_out = self.engine([c.to(self.input_dtype) for c in crops])
+        with self.stragglers.forward_timer():            # each rank's own work, before the loss's all-reduce
+            crops = [c.to(self.dist.device, non_blocking=True) for c in crops]
+            with self.teacher_autocast():
+                teacher_out = self.teacher(crops[:2])
+            student_out = self.engine([c.to(self.input_dtype) for c in crops])
         return self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[epoch]))
 
     def set_hyperparameters(self, epoch: int) -> None:
@@ -176,7 +186,10 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's view feature. At ZeRO-3 the engine's hooks gather each layer as it runs."""
+        """The teacher's view feature. At ZeRO-3 the engine's hooks gather each layer as it runs. Once training
+        has started, a stop request ends an evaluation between batches (every rank at the same batch)."""
+        if not self.stop.in_startup and _any_rank(self.stop.requested):
+            raise Preempted
         return self.teacher.module.backbone(x)[0]
 
     # ------------------------------------------------------------------ the loop
@@ -184,31 +197,78 @@ class Trainer:
     def train(self) -> dict:
         cfg, state = self.cfg, self.state
         if cfg.eval.knn_at_end and state.knn_top1_init is None:
+            pause_point("knn_init")
             state.knn_top1_init = self.knn()
+        from esvit_scale.cluster.stragglers import StragglerMonitor
         from esvit_scale.metrics import MetricsLogger
         self.metrics = MetricsLogger(self.out, self.dist.is_main, self.total_steps, cfg.run.log_every_steps)
-        self.stop = StopFlag()
+        self.stragglers = StragglerMonitor(cfg.run.straggler_every_steps, cfg.run.straggler_factor,
+                                           self.dist.rank, self.dist.world_size, self.dist.device)
         self.throughput: list[float] = []
         self.saved_at = state.step if ckpt.latest_checkpoint(self.out) else -1
         log.info("training: %d steps per epoch, global batch %d (%d per rank x %d ranks x %d accumulation), "
                  "%d steps to go", self.steps_per_epoch, self.global_batch, cfg.data.batch_size_per_gpu,
                  self.dist.world_size, self.accum, self.total_steps - state.step)
-        preempted = False
-        while state.epoch < cfg.optim.epochs and state.step < self.total_steps and not preempted:
-            preempted = self.train_epoch(state.epoch)
-            if state.batch_in_epoch == self.steps_per_epoch * self.accum:   # the epoch is complete
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        self.stop.training_started()
+        with self._guarded():
+            preempted = False
+            try:
+                while state.epoch < cfg.optim.epochs and state.step < self.total_steps and not preempted:
+                    preempted = self.train_epoch(state.epoch)
+                    if state.batch_in_epoch == self.steps_per_epoch * self.accum:   # the epoch is complete
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                        self.save_once()
+                        self.knn_during_training()
                 self.save_once()
-                self.knn_during_training()
-        self.save_once()
-        self.metrics.close()
-        return self.finish(preempted)
+            except Preempted:
+                preempted = True
+            self.metrics.close()
+            return self.finish(preempted)
+
+    @contextlib.contextmanager
+    def _guarded(self):
+        """The hang watchdog and the rank heartbeats around the loop; a failed collective names the lost rank."""
+        from esvit_scale.cluster.watchdog import HangWatchdog, PeerHeartbeats
+        run, world = self.cfg.run, self.dist.world_size
+        self.heartbeats = PeerHeartbeats(self.dist.rank, world) if world > 1 else None
+        explain = self.heartbeats.explain if self.heartbeats else None
+        self.watchdog = (HangWatchdog(run.hang_timeout_minutes * 60, self.dist.rank, explain)
+                         if run.hang_timeout_minutes > 0 else None)
+        self.kick_watchdog()
+        try:
+            yield
+        except RuntimeError as e:
+            lost = self.heartbeats.lost_peers() if self.heartbeats else []
+            if not lost:
+                raise
+            log.error("rank %d: a collective failed (%s) and %s stopped responding. Exiting with %d; resubmit the "
+                      "job to resume from the last complete checkpoint (%s).", self.dist.rank,
+                      str(e).splitlines()[0][:300], ", ".join(lost), EXIT_LOST_RANK,
+                      ckpt.latest_checkpoint(self.out) or "none")
+            record_exit_status(EXIT_LOST_RANK, "lost " + ", ".join(lost))
+            logging.shutdown()
+            os._exit(EXIT_LOST_RANK)       # the process group is broken: its destructors could hang
+        finally:
+            if self.watchdog:
+                self.watchdog.close()
+            if self.heartbeats:
+                self.heartbeats.close()
+
+    def kick_watchdog(self) -> None:
+        if self.watchdog:
+            self.watchdog.kick()
+
+    def paused_watchdog(self):
+        return self.watchdog.paused() if self.watchdog else contextlib.nullcontext()
 
     def train_epoch(self, epoch: int) -> bool:
         """Steps through `epoch` from the saved position; True if stopped by a signal."""
         state, batches_per_epoch = self.state, self.steps_per_epoch * self.accum
         sums, images, start = torch.zeros(3), 0, time.time()
+        waited_from = time.perf_counter()
         for crops in self.loader.epoch(epoch, state.batch_in_epoch):
+            self.stragglers.add_host_time(time.perf_counter() - waited_from)
+            stall_if_injected(self.dist.rank, state.step + 1)
             if state.batch_in_epoch % self.accum == 0:
                 self.set_hyperparameters(epoch)
             losses = self.forward_loss(crops, epoch)
@@ -222,13 +282,19 @@ class Trainer:
             # ---- optimizer step boundary
             self.teacher.update(float(self.sched.momentum[state.step]))
             state.step += 1
-            reduced = _mean_over_ranks(torch.cat([sums / self.accum, torch.tensor([float(self.stop.signum != 0)])]))
+            reduced = _mean_over_ranks(torch.cat([sums / self.accum, torch.tensor([float(self.stop.requested)])]))
             self.check_finite(reduced[:3], epoch)
             self.throughput.append(images / max(time.time() - start, 1e-9))
             self.log_step(epoch, reduced[:3].tolist())
+            self.stragglers.step_done()
+            slow = self.stragglers.report(state.step)
+            if slow is not None:
+                self.metrics.scalars("stragglers", slow, state.step)
+            self.kick_watchdog()
             sums, images, start = torch.zeros(3), 0, time.time()
             if reduced[3] > 0:
-                log.warning("stop signal received: saving at step %d and exiting", state.step)
+                log.warning("stop requested (here: %s; the ranks agree at each step): saving at step %d and "
+                            "exiting with %d", self.stop.reason(), state.step, EXIT_PREEMPTED)
                 self.save_once()
                 return True
             every = self.cfg.run.checkpoint_every_steps
@@ -236,13 +302,15 @@ class Trainer:
                 self.save_once()
             if state.step >= self.total_steps or state.batch_in_epoch >= batches_per_epoch:
                 break
+            waited_from = time.perf_counter()
         return False
 
     def knn_during_training(self) -> None:
         every = self.cfg.eval.knn_every_epochs
         if not every or self.state.epoch % every or self.state.epoch >= self.cfg.optim.epochs:
             return
-        result = self.knn()
+        with self.paused_watchdog():
+            result = self.knn()
         for k, acc in (result or {}).items():
             self.metrics.scalar(f"eval/knn_top1_k{k}", acc, self.state.step)
 
@@ -266,8 +334,10 @@ class Trainer:
 
     def save_once(self) -> None:
         if self.saved_at != self.state.step:
+            self.kick_watchdog()            # a save has the whole hang timeout to itself
             self.save()
             self.saved_at = self.state.step
+            self.kick_watchdog()
 
     def finish(self, preempted: bool) -> dict:
         state, cfg = self.state, self.cfg
@@ -275,7 +345,12 @@ class Trainer:
                    "images_per_s": _steady_mean(self.throughput), "global_batch": self.global_batch,
                    "world_size": self.dist.world_size, "loss_final": getattr(self, "last_loss", None)}
         if cfg.eval.knn_at_end and not preempted:
-            result = self.knn()
+            try:
+                with self.paused_watchdog():
+                    result = self.knn()
+            except Preempted:
+                result, preempted = None, True
+                summary["preempted"] = True
             if result is not None:
                 k = str(20 if 20 in cfg.eval.knn_k else cfg.eval.knn_k[0])
                 summary.update(knn_k=int(k), knn_top1=result[k], knn_top1_init=state.knn_top1_init[k],
@@ -294,5 +369,20 @@ def _steady_mean(values: list[float]) -> Optional[float]:
     return sum(steady) / len(steady)
 
 
-def train(cfg: Config) -> dict:
-    return Trainer(cfg).train()
+def _stop_deadline(margin_minutes: float) -> Optional[float]:
+    """When to save and exit before the SLURM job's time limit (None outside SLURM, without a limit, or off)."""
+    if margin_minutes <= 0:
+        return None
+    from esvit_scale.cluster.slurm import job_end_time
+    end = job_end_time()
+    if end is None:
+        return None
+    deadline = end - 60 * margin_minutes
+    log.info("the job ends at %s: saving and exiting for a requeue at %s (run.exit_before_end_minutes=%g)",
+             time.strftime("%H:%M:%S", time.localtime(end)), time.strftime("%H:%M:%S", time.localtime(deadline)),
+             margin_minutes)
+    return deadline
+
+
+def train(cfg: Config, stop: Optional[StopRequest] = None) -> dict:
+    return Trainer(cfg, stop).train()

@@ -5,10 +5,13 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
+
+from esvit_scale.cluster.slurm import rendezvous_from_slurm, slurm_node_count
 
 log = logging.getLogger(__name__)
 STALE_BUILD_LOCK_S = 30 * 60      # a JIT build takes minutes; a lock file this old was left by a killed build
@@ -51,10 +54,18 @@ def prepare_environment(device: str) -> None:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            addr, port = rendezvous_from_slurm()
+            os.environ.setdefault("MASTER_ADDR", addr)
+            os.environ.setdefault("MASTER_PORT", str(port))
     if "RANK" not in os.environ:                       # a plain `python train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "MASTER_ADDR" not in os.environ and slurm_node_count() > 1:
+        raise RuntimeError("this job spans several nodes but MASTER_ADDR is not set, and the ranks were not started "
+                           "by srun (whose node list would name the rendezvous host): set MASTER_ADDR to the first "
+                           "node's address and MASTER_PORT to a free port, or launch with srun or torchrun")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
 
@@ -84,7 +95,8 @@ def clear_stale_build_locks(ext_dir: Path, max_age_s: float = STALE_BUILD_LOCK_S
     return removed
 
 
-def init_distributed(device: str) -> DistInfo:
+def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistInfo:
+    """The process group (NCCL on GPUs, gloo on the CPU) with `timeout_minutes` as its collective timeout."""
     prepare_environment(device)
     import deepspeed
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -93,7 +105,8 @@ def init_distributed(device: str) -> DistInfo:
     if device == "cpu" and os.environ["WORLD_SIZE"] == "1":
         _skip_shared_memory_comm_op()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistInfo(rank, local_rank, world, dev)
