@@ -7,8 +7,9 @@
 # - The command runs in the background, in a process group of its own; SIGUSR1, SIGTERM and SIGINT that reach
 #   this script are forwarded to it (bash runs a trap only between commands, so a foreground command would never
 #   see them: this is why the signal of `sbatch --signal=B:USR1@120` must be forwarded by hand).
-# - It waits until the command has really ended, and then until no process of its group is left: workers whose
-#   launcher was killed outright (torchrun dies of SIGUSR1) are still writing their checkpoint.
+# - It waits until the command has really ended, and then until every trainer process it started has ended (they
+#   list their pids in $ESVIT_EXIT_STATUS_FILE.pids): workers whose launcher was killed outright (torchrun dies
+#   of SIGUSR1) are still writing their checkpoint.
 # - Exit status: 75 ("preempted, saved": run the job again) when the command exited 75, or when every rank of the
 #   run recorded 75 in $ESVIT_EXIT_STATUS_FILE (torchrun reports 1, or dies of the signal, when its workers
 #   exit 75); otherwise the command's own status.
@@ -16,7 +17,7 @@
 #   checkpoint, and exit 0. The batch templates `exec` this script, so that it is the batch shell that SLURM's
 #   `--signal=B:...` and `scancel --batch` reach.
 set -u
-set -m                                   # background commands get their own process group
+set -m                                   # the command gets a process group of its own (not hit by Ctrl-C twice)
 
 requeue=0
 if [ "${1:-}" = "--requeue" ]; then
@@ -26,7 +27,7 @@ fi
 
 status_file=$(mktemp "${TMPDIR:-/tmp}/esvit_exit_status.XXXXXX")
 export ESVIT_EXIT_STATUS_FILE=$status_file
-trap 'rm -f "$status_file"' EXIT
+trap 'rm -f "$status_file" "$status_file.pids"' EXIT
 
 "$@" &
 child=$!
@@ -46,7 +47,15 @@ done
 wait "$child"                            # the command's own status (bash keeps it after the end)
 rc=$?
 
-while pgrep -g "$child" >/dev/null 2>&1; do       # orphaned workers finishing their save
+trainer_alive() {
+    local pid
+    [ -s "$status_file.pids" ] || return 1
+    while read -r pid; do
+        kill -0 "$pid" 2>/dev/null && return 0
+    done < "$status_file.pids"
+    return 1
+}
+while trainer_alive; do                  # orphaned workers finishing their save
     sleep 1
 done
 

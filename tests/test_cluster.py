@@ -144,11 +144,11 @@ def test_launch_reads_the_ranks_statuses_when_the_launcher_reports_its_own(ranks
 
 
 def test_launch_forwards_the_signal_and_waits_for_orphaned_workers(tmp_path):
-    """A 'launcher' that dies of SIGUSR1 while its 'worker' (same process group) still writes for 2 s: launch.sh
-    forwards the signal, waits for the worker, and reads the worker's 75."""
+    """A 'launcher' that dies of SIGUSR1 while its 'worker' (registered in the pids file, as trainers do) still
+    writes for 2 s: launch.sh forwards the signal, waits for the worker, and reads the worker's 75."""
     done, ready = tmp_path / "done", tmp_path / "ready"
     script = textwrap.dedent(f"""
-        ( trap '' USR1; touch {ready}; sleep 2; echo saved > {done}
+        ( trap '' USR1; echo $BASHPID >> "$ESVIT_EXIT_STATUS_FILE.pids"; touch {ready}; sleep 2; echo saved > {done}
           echo "75 rank=0 world_size=1 saved" >> "$ESVIT_EXIT_STATUS_FILE" ) &
         sleep 60
         """)

@@ -12,7 +12,8 @@ is already on its way out with its state saved (Python restores the default hand
 
 Every rank that exits with EXIT_PREEMPTED appends a line to $ESVIT_EXIT_STATUS_FILE when that is set: a launcher
 that reports its own exit status (torchrun exits 1 when its workers exit 75) is read through it by
-slurm/launch.sh.
+slurm/launch.sh, which also waits for the process ids listed in $ESVIT_EXIT_STATUS_FILE.pids (torchrun starts each
+worker in a session of its own, so a process group does not find workers that outlive a killed torchrun).
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class StopRequest:
         os.register_at_fork(after_in_child=_forget_wakeup_fd)
         threading.Thread(target=self._watch, args=(read_fd,), name="esvit-stop-signal", daemon=True).start()
         _die_with_launcher()
+        _register_with_launcher()
         self._installed = True
         return self
 
@@ -144,6 +146,13 @@ def record_exit_status(code: int, what: str) -> None:
             os.close(fd)
     except OSError as e:
         sys.stderr.write(f"esvit_scale: could not record the exit status in {path}: {e}\n")
+
+
+def _register_with_launcher() -> None:
+    path = os.environ.get("ESVIT_EXIT_STATUS_FILE")
+    if path:
+        with open(path + ".pids", "a") as f:
+            f.write(f"{os.getpid()}\n")
 
 
 def _forget_wakeup_fd() -> None:
