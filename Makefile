@@ -8,7 +8,7 @@ KERNEL_SOURCES := $(wildcard kernels/csrc/*)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup quickstart test test-all bench gpu-check compat-check clean
+.PHONY: setup quickstart test test-all bench gpu-check compat-check clean slurm-up slurm-down
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,14 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+# A real one-node SLURM on this machine (root; installs Debian's packages) for tests/test_slurm.py, which skip
+# without a cluster outside CI. .ci/run starts and stops it around `make test`.
+slurm-up:
+	bash slurm/local_cluster.sh start
+
+slurm-down:
+	bash slurm/local_cluster.sh stop
 
 bench: setup
 	$(PY) -m esvit_scale.bench kernels --json runs/bench_kernels.json

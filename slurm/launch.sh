@@ -71,7 +71,9 @@ fi
 echo "[launch] exit status $rc" >&2
 if [ "$rc" -eq 75 ] && [ "$requeue" -eq 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "[launch] preempted and saved: requeueing job $SLURM_JOB_ID" >&2
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
+    echo "[launch] the requeue was refused (submitted with --no-requeue?): submit the job again to resume" >&2
 fi
 exit "$rc"

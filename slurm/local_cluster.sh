@@ -89,7 +89,7 @@ wait_idle() {
     done
     log "the node did not become idle within 60 s; logs in $DIR/log"
     sinfo >&2 || true
-    tail -20 "$DIR"/log/*.log >&2 || true
+    tail -n 20 "$DIR"/log/*.log >&2 || true
     return 1
 }
 
@@ -117,6 +117,10 @@ stop() {
     done
     pkill -x slurmd 2>/dev/null || true
     pkill -x slurmctld 2>/dev/null || true
+    for i in $(seq 1 30); do
+        pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
+        sleep 1
+    done
     log "stopped"
 }
 

@@ -1,0 +1,132 @@
+"""The batch templates against a real SLURM (slurm/local_cluster.sh start; .ci/run starts it): 2 CPU tasks of
+train.py under srun, real signals, real requeues."""
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, read_losses, tiny_overrides, torchrun
+
+CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    try:
+        state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        state = ""
+    if not re.search(r"idle|mix|alloc", state):
+        message = "no SLURM cluster answers: run `slurm/local_cluster.sh start` (as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def submit(out: Path, overrides: list[str], *sbatch_options: str, env: dict | None = None) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={out.parent / out.name}.slurm.log", *sbatch_options,
+                           "slurm/cpu_smoke.sbatch", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "ESVIT_OUTPUT_DIR": str(out), **(env or {})}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job(job_id: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def job_log(out: Path) -> str:
+    path = out.parent / f"{out.name}.slurm.log"
+    return path.read_text() if path.is_file() else ""
+
+
+def wait_until(what: str, predicate, out: Path, timeout: float = 420) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}:\n{job_log(out)[-5000:]}")
+
+
+def wait_ended(job_id: str, out: Path, timeout: float = 420) -> dict[str, str]:
+    ended = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY")
+    wait_until(f"job {job_id} to end", lambda: job(job_id).get("JobState") in ended, out, timeout)
+    return job(job_id)
+
+
+def test_cpu_smoke_job_trains_with_two_tasks_writes_checkpoints_and_finishes(image_folder, tmp_path):
+    out = tmp_path / "smoke"
+    job_id = submit(out, tiny_overrides(image_folder, out, **{"run.max_steps": 4,
+                                                              "run.checkpoint_every_steps": 2}))
+    info = wait_ended(job_id, out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", job_log(out)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == 2 and not summary["preempted"]
+    assert {p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE")} == {"step000000002", "step000000004"}
+
+
+def test_pre_timeout_signal_twice_saves_requeues_and_resumes_to_the_losses_of_an_uninterrupted_run(
+        image_folder, tmp_path):
+    opts = {"run.max_steps": 60, "optim.epochs": 12, "run.checkpoint_every_steps": 0}
+    reference = tmp_path / "reference"
+    torchrun(CONFIG + tiny_overrides(image_folder, reference, **opts))
+    expected = read_losses(reference)
+
+    out = tmp_path / "job"
+    job_id = submit(out, tiny_overrides(image_folder, out, **opts))
+    wait_until("step 3", lambda: (out / "metrics.jsonl").is_file() and len(read_losses(out)) >= 3, out)
+    for _ in range(2):                                   # two pre-timeout signals in a row, 1 s apart
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+        time.sleep(1)
+    info = wait_ended(job_id, out)
+    text = job_log(out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-5000:]
+    assert text.count("requeueing job") == 1 and "[launch] USR1 received" in text
+    stopped = re.findall(r"saving at step (\d+) and exiting with 75", text)
+    assert len(set(stopped)) == 1, stopped                 # every rank stopped at one step, which was saved once
+    assert f"resuming from {out / 'checkpoints' / f'step{int(stopped[0]):09d}'}" in text
+
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 61))                   # every step once: nothing lost, nothing repeated
+    losses = read_losses(out)
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), (step, losses[step], loss)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 60
+
+
+def test_a_signal_during_start_up_requeues_and_the_restarted_job_finishes(image_folder, tmp_path):
+    out = tmp_path / "startup"
+    job_id = submit(out, tiny_overrides(image_folder, out, **{"run.max_steps": 3}),
+                    env={"ESVIT_FAULT_PAUSE": "build:10"})        # both tasks wait 10 s in the model build
+    wait_until("the start-up pause", lambda: job_log(out).count("pausing 10 s at build") == 2, out)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    info = wait_ended(job_id, out)
+    text = job_log(out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-5000:]
+    assert text.count("SIGUSR1 during start-up: nothing to save yet") == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_job_killed_at_its_time_limit_is_resumed_by_the_next_submission(image_folder, tmp_path):
+    out = tmp_path / "limit"
+    long_run = {"run.max_steps": 100000, "optim.epochs": 100000, "run.checkpoint_every_steps": 5,
+                "run.keep_checkpoints": 3, "run.exit_before_end_minutes": 0}
+    job_id = submit(out, tiny_overrides(image_folder, out, **long_run), "--time=1", "--no-requeue")
+    info = wait_ended(job_id, out, timeout=300)
+    assert info["JobState"] in ("TIMEOUT", "COMPLETED", "FAILED", "CANCELLED"), info
+    complete = sorted(p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE"))
+    assert complete, job_log(out)[-4000:]
+    newest = int(complete[-1].removeprefix("step"))
+
+    job_id = submit(out, tiny_overrides(image_folder, out, **{**long_run, "run.max_steps": newest + 3}))
+    info = wait_ended(job_id, out)
+    assert info["JobState"] == "COMPLETED", job_log(out)[-4000:]
+    assert f"resuming from {out / 'checkpoints' / complete[-1]}" in job_log(out)
+    assert json.loads((out / "summary.json").read_text())["steps"] == newest + 3
