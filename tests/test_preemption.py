@@ -14,7 +14,8 @@ import pytest
 from conftest import PYTHON, ROOT, _free_port, read_losses, tiny_overrides
 
 CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
-LONG = {"run.max_steps": 100000, "optim.epochs": 100000, "run.checkpoint_every_steps": 0}
+LONG = {"run.max_steps": 100000, "optim.epochs": 100000, "run.checkpoint_every_steps": 0,
+        "run.straggler_every_steps": 1}
 
 
 def launch(image_folder, out: Path, env: dict | None = None, **opts) -> subprocess.Popen:
@@ -77,6 +78,10 @@ def test_a_signal_to_torchrun_or_one_rank_saves_once_and_reads_as_preempted(targ
     assert complete_checkpoints(out) == [f"step{stopped_at:09d}"]          # one checkpoint, at the stop
     assert processes_of(out) == [], "a worker was left running"
     assert sorted(read_losses(out)) == list(range(1, stopped_at + 1))
+    slow = [json.loads(line)["stragglers"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "stragglers" in line]                        # per-rank step times gathered at every step
+    assert len(slow) == stopped_at and all(s["slowest_rank"] in (0, 1) and s["slowest_s"] > 0 for s in slow)
+    assert "step times (own work before the first collective" in log_of(out)
 
 
 def test_the_time_limit_stops_every_rank_at_the_same_step_and_reads_as_preempted(image_folder, tmp_path):
@@ -117,3 +122,43 @@ def test_the_hang_watchdog_dumps_the_stacks_and_exits_non_zero(image_folder, tmp
     assert 'in stall_if_injected' in text                  # the stalled rank's stack shows where it is stuck
     assert sorted(read_losses(out)) == [1, 2]
     assert processes_of(out) == []
+
+
+def test_a_signal_in_any_start_up_phase_exits_75_at_once_and_loses_nothing(image_folder, tmp_path):
+    """One process: SIGUSR1 1.5 s after launch (imports), SIGTERM while the resume is loading and while the k-NN at
+    initialisation runs (the main thread held there by a test pause): each exits 75 with nothing written, and the
+    run then resumes from its checkpoint."""
+    out = tmp_path / "run"
+    opts = {"run.max_steps": 4, "run.checkpoint_every_steps": 2, "eval.knn_at_end": "true",
+            "eval.train_path": str(image_folder), "eval.val_path": str(image_folder.parent / "val"),
+            "eval.knn_k": "[5]", "eval.image_size": 32, "eval.resize_size": 36}
+    args = [PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **opts)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    subprocess.run(args + ["run.max_steps=2", "eval.knn_at_end=false"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)          # (so that the resumed run still has its k-NN at initialisation)
+    assert complete_checkpoints(out) == ["step000000002"]
+
+    def interrupted(sig, pause: str | None) -> str:
+        proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                env={**env, "ESVIT_FAULT_PAUSE": f"{pause}:120"} if pause else env)
+        if pause:
+            for line in proc.stderr:
+                if f"at {pause} (test fault)" in line:
+                    break
+        else:
+            time.sleep(1.5)
+        proc.send_signal(sig)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 75, err[-3000:]
+        return err
+
+    assert "SIGUSR1 during start-up" in interrupted(signal.SIGUSR1, None)
+    assert "SIGTERM during start-up" in interrupted(signal.SIGTERM, "resume")
+    assert "SIGTERM during start-up" in interrupted(signal.SIGTERM, "knn_init")
+    assert complete_checkpoints(out) == ["step000000002"] and sorted(read_losses(out)) == [1, 2]
+
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'step000000002'}" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and "knn_top1" in summary
