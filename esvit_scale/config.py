@@ -71,6 +71,7 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    koleo_weight: float = 0.0          # >0: the KoLeo feature-spreading term (esvit_scale/losses/koleo.py)
 
 
 @dataclass
@@ -128,6 +129,9 @@ class EvalConfig:
     val_path: Optional[str] = None
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
+    linear_at_end: bool = False        # linear probe of the teacher (at initialisation and at the end), as knn_at_end
+    linear_blocks: int = 4             # features: token averages of this many last blocks, concatenated
+    linear_epochs: int = 100
     image_size: int = 224              # centre crop fed to the backbone
     resize_size: int = 256
 
@@ -288,6 +292,7 @@ def validate(cfg: Config) -> None:
          "temperatures must be > 0")
     need(0 <= l.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
     need(l.pair_factor > 0, "loss.pair_factor", "must be > 0")
+    need(l.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0 (0: off)")
     need(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher", "must be in [0, 1]")
     need(o.base_lr > 0 and o.min_lr >= 0, "optim.base_lr", "learning rates must be positive")
     need(o.warmup_epochs >= 0 and o.freeze_last_layer >= 0, "optim.warmup_epochs", "must be >= 0")
@@ -301,5 +306,7 @@ def validate(cfg: Config) -> None:
     need(r.dist_timeout_minutes > 0, "run.dist_timeout_minutes", "must be > 0")
     need(r.straggler_every_steps >= 0, "run.straggler_every_steps", "must be >= 0 (0: off)")
     need(r.straggler_factor > 1, "run.straggler_factor", "must be > 1")
+    need(cfg.eval.linear_blocks >= 1, "eval.linear_blocks", "must be >= 1")
+    need(cfg.eval.linear_epochs >= 1, "eval.linear_epochs", "must be >= 1")
     need(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
     need(all(k >= 1 for k in cfg.eval.knn_k) and cfg.eval.knn_k, "eval.knn_k", "must be a list of k >= 1")

@@ -37,9 +37,9 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars.get('images_per_s', 0):.1f}")
             self.bar.refresh()
         elif step % self.log_every == 0 or step == self.total_steps:
-            log.info("step %d/%d  epoch %d  loss %.4f (view %.4f, region %.4f)  lr %.2e  %.1f images/s",
-                     step, self.total_steps, scalars["epoch"], scalars["loss"], scalars["view_loss"],
-                     scalars["region_loss"], scalars["lr"], scalars.get("images_per_s", 0.0))
+            terms = ", ".join(f"{k[:-5]} {v:.4f}" for k, v in scalars.items() if k.endswith("_loss"))
+            log.info("step %d/%d  epoch %d  loss %.4f (%s)  lr %.2e  %.1f images/s", step, self.total_steps,
+                     scalars["epoch"], scalars["loss"], terms, scalars["lr"], scalars.get("images_per_s", 0.0))
 
     def scalar(self, key: str, value: float, step: int) -> None:
         if self.enabled:

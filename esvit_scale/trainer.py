@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class TrainState:
     batch_in_epoch: int = 0          # micro-batches of `epoch` consumed
     step: int = 0                    # optimizer steps done
     knn_top1_init: Optional[dict] = None
+    linear_top1_init: Optional[float] = None
 
 
 class Preempted(Exception):
@@ -184,13 +186,29 @@ class Trainer:
                               e.resize_size, e.image_size, self.dist.device)
         return {str(k): v for k, v in result.items()}
 
+    def linear(self) -> Optional[float]:
+        """Linear-probe top-1 (%) of the teacher backbone, or None without a validation folder."""
+        if not self.knn_val:
+            log.warning("linear probe skipped: eval.val_path is not set")
+            return None
+        from esvit_scale.eval.linear import block_features_fn, linear_eval
+        e = self.cfg.eval
+        blocks = block_features_fn(self.teacher.module.backbone, e.linear_blocks)
+        with self.teacher_autocast():
+            return linear_eval(lambda x: self._interruptible(blocks, x), self.knn_train, self.knn_val,
+                               e.resize_size, e.image_size, self.dist.device, epochs=e.linear_epochs)
+
     @torch.no_grad()
     def _teacher_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's view feature. At ZeRO-3 the engine's hooks gather each layer as it runs. Once training
-        has started, a stop request ends an evaluation between batches (every rank at the same batch)."""
+        """The teacher's view feature. At ZeRO-3 the engine's hooks gather each layer as it runs."""
+        return self._interruptible(lambda x: self.teacher.module.backbone(x)[0], x)
+
+    def _interruptible(self, forward, x: torch.Tensor) -> torch.Tensor:
+        """Once training has started, a stop request ends an evaluation between batches (every rank at the same
+        batch); during start-up the signal ends the process by itself."""
         if not self.stop.in_startup and _any_rank(self.stop.requested):
             raise Preempted
-        return self.teacher.module.backbone(x)[0]
+        return forward(x)
 
     # ------------------------------------------------------------------ the loop
 
@@ -199,11 +217,15 @@ class Trainer:
         if cfg.eval.knn_at_end and state.knn_top1_init is None:
             pause_point("knn_init")
             state.knn_top1_init = self.knn()
+        if cfg.eval.linear_at_end and state.linear_top1_init is None:
+            state.linear_top1_init = self.linear()
         from esvit_scale.cluster.stragglers import StragglerMonitor
         from esvit_scale.metrics import MetricsLogger
         self.metrics = MetricsLogger(self.out, self.dist.is_main, self.total_steps, cfg.run.log_every_steps)
         self.stragglers = StragglerMonitor(cfg.run.straggler_every_steps, cfg.run.straggler_factor,
                                            self.dist.rank, self.dist.world_size, self.dist.device)
+        from esvit_scale.losses.monitors import CollapseWatch
+        self.collapse = CollapseWatch(cfg.model.out_dim, self.teacher.module.backbone.num_features)
         self.throughput: list[float] = []
         self.saved_at = state.step if ckpt.latest_checkpoint(self.out) else -1
         log.info("training: %d steps per epoch, global batch %d (%d per rank x %d ranks x %d accumulation), "
@@ -217,6 +239,7 @@ class Trainer:
                     preempted = self.train_epoch(state.epoch)
                     if state.batch_in_epoch == self.steps_per_epoch * self.accum:   # the epoch is complete
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                        self.report_data(state.epoch - 1)
                         self.save_once()
                         self.knn_during_training()
                 self.save_once()
@@ -264,35 +287,41 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Steps through `epoch` from the saved position; True if stopped by a signal."""
         state, batches_per_epoch = self.state, self.steps_per_epoch * self.accum
-        sums, images, start = torch.zeros(3), 0, time.time()
+        sums: dict[str, torch.Tensor] = {}
+        images, start = 0, time.time()
         waited_from = time.perf_counter()
         for crops in self.loader.epoch(epoch, state.batch_in_epoch):
             self.stragglers.add_host_time(time.perf_counter() - waited_from)
             stall_if_injected(self.dist.rank, state.step + 1)
             if state.batch_in_epoch % self.accum == 0:
                 self.set_hyperparameters(epoch)
+                self.loss_fn.monitor = (state.step + 1) % self.cfg.run.log_every_steps == 0
             losses = self.forward_loss(crops, epoch)
             self.engine.backward(losses["loss"])
             self.engine.step()
             state.batch_in_epoch += 1
             images += crops[0].shape[0] * self.dist.world_size
-            sums += torch.stack([losses[k].detach().float().cpu() for k in ("loss", "view_loss", "region_loss")])
+            for name, value in losses.items():          # the loss, every term's, and the readings of log steps
+                sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
             if state.batch_in_epoch % self.accum:
                 continue
             # ---- optimizer step boundary
             self.teacher.update(float(self.sched.momentum[state.step]))
             state.step += 1
-            reduced = _mean_over_ranks(torch.cat([sums / self.accum, torch.tensor([float(self.stop.requested)])]))
-            self.check_finite(reduced[:3], epoch)
+            names = sorted(sums)
+            reduced = _mean_over_ranks(torch.cat([torch.stack([sums[n] for n in names]) / self.accum,
+                                                  torch.tensor([float(self.stop.requested)])]))
+            values = dict(zip(names, reduced[:-1].tolist()))
+            self.check_finite(values, epoch)
             self.throughput.append(images / max(time.time() - start, 1e-9))
-            self.log_step(epoch, reduced[:3].tolist())
+            self.log_step(epoch, values)
             self.stragglers.step_done()
             slow = self.stragglers.report(state.step)
             if slow is not None:
                 self.metrics.scalars("stragglers", slow, state.step)
             self.kick_watchdog()
-            sums, images, start = torch.zeros(3), 0, time.time()
-            if reduced[3] > 0:
+            sums, images, start = {}, 0, time.time()
+            if reduced[-1] > 0:
                 log.warning("stop requested (here: %s; the ranks agree at each step): saving at step %d and "
                             "exiting with %d", self.stop.reason(), state.step, EXIT_PREEMPTED)
                 self.save_once()
@@ -305,6 +334,22 @@ class Trainer:
             waited_from = time.perf_counter()
         return False
 
+    def left_out_files(self) -> list[str]:
+        """Files the loaders of every rank have left out so far (not images, or unusable), sorted."""
+        mine = self.loader.skipped_files()
+        if self.dist.world_size == 1:
+            return sorted(set(mine))
+        every: list = [None] * self.dist.world_size
+        dist.all_gather_object(every, mine)
+        return sorted({f for files in every for f in files})
+
+    def report_data(self, epoch: int) -> None:
+        """Once per epoch: how many files were left out so far, by name (each file was also named once when met)."""
+        files = self.left_out_files()
+        if files:
+            log.warning("epoch %d: %d files of the data left out so far (not images, or unusable): %s", epoch,
+                        len(files), ", ".join(Path(f).name for f in files[:20]) + (" ..." if len(files) > 20 else ""))
+
     def knn_during_training(self) -> None:
         every = self.cfg.eval.knn_every_epochs
         if not every or self.state.epoch % every or self.state.epoch >= self.cfg.optim.epochs:
@@ -314,23 +359,26 @@ class Trainer:
         for k, acc in (result or {}).items():
             self.metrics.scalar(f"eval/knn_top1_k{k}", acc, self.state.step)
 
-    def check_finite(self, losses: torch.Tensor, epoch: int) -> None:
-        if torch.isfinite(losses).all():
+    def check_finite(self, values: dict[str, float], epoch: int) -> None:
+        losses = {k: v for k, v in values.items() if k == "loss" or k.endswith("_loss")}
+        if all(math.isfinite(v) for v in losses.values()):
             return
-        loss, view_loss, region_loss = losses.tolist()
         raise FloatingPointError(
-            f"loss is not finite at epoch {epoch}, step {self.state.step} (loss {loss}, view {view_loss}, "
-            f"region {region_loss}); nothing was saved from this state. Last complete checkpoint: "
-            f"{ckpt.latest_checkpoint(self.out) or 'none'}. Lower optim.base_lr, or train in bf16/fp32.")
+            f"loss is not finite at epoch {epoch}, step {self.state.step} "
+            f"({', '.join(f'{k} {v}' for k, v in losses.items())}); nothing was saved from this state. Last complete "
+            f"checkpoint: {ckpt.latest_checkpoint(self.out) or 'none'}. Lower optim.base_lr, or train in bf16/fp32.")
 
-    def log_step(self, epoch: int, losses: list[float]) -> None:
+    def log_step(self, epoch: int, values: dict[str, float]) -> None:
         i = self.state.step - 1
         self.metrics.step(self.state.step, {
-            "loss": losses[0], "view_loss": losses[1], "region_loss": losses[2], "epoch": epoch,
+            **values, "epoch": epoch,
             "lr": float(self.sched.lr[i]), "weight_decay": float(self.sched.weight_decay[i]),
             "momentum": float(self.sched.momentum[i]), "teacher_temp": float(self.sched.teacher_temp[epoch]),
             "images_per_s": self.throughput[-1]})
-        self.last_loss = losses[0]
+        self.last_loss = values["loss"]
+        if "view_teacher_entropy" in values:                 # a monitored step
+            self.health = {k: v for k, v in values.items() if k != "loss" and not k.endswith("_loss")}
+            self.collapse.update(self.health, self.state.step)
 
     def save_once(self) -> None:
         if self.saved_at != self.state.step:
@@ -343,18 +391,22 @@ class Trainer:
         state, cfg = self.state, self.cfg
         summary = {"steps": state.step, "epochs_completed": state.epoch, "preempted": preempted,
                    "images_per_s": _steady_mean(self.throughput), "global_batch": self.global_batch,
-                   "world_size": self.dist.world_size, "loss_final": getattr(self, "last_loss", None)}
-        if cfg.eval.knn_at_end and not preempted:
-            try:
-                with self.paused_watchdog():
+                   "world_size": self.dist.world_size, "loss_final": getattr(self, "last_loss", None),
+                   "health": getattr(self, "health", None), "collapse": self.collapse.last()}
+        left_out = self.left_out_files()
+        summary["data"] = {"files_left_out": len(left_out), "left_out": left_out[:100]}
+        try:
+            with self.paused_watchdog():
+                if cfg.eval.knn_at_end and not preempted:
                     result = self.knn()
-            except Preempted:
-                result, preempted = None, True
-                summary["preempted"] = True
-            if result is not None:
-                k = str(20 if 20 in cfg.eval.knn_k else cfg.eval.knn_k[0])
-                summary.update(knn_k=int(k), knn_top1=result[k], knn_top1_init=state.knn_top1_init[k],
-                               knn_top1_by_k=result, knn_top1_init_by_k=state.knn_top1_init)
+                    if result is not None:
+                        k = str(20 if 20 in cfg.eval.knn_k else cfg.eval.knn_k[0])
+                        summary.update(knn_k=int(k), knn_top1=result[k], knn_top1_init=state.knn_top1_init[k],
+                                       knn_top1_by_k=result, knn_top1_init_by_k=state.knn_top1_init)
+                if cfg.eval.linear_at_end and not preempted:
+                    summary.update(linear_top1=self.linear(), linear_top1_init=state.linear_top1_init)
+        except Preempted:
+            summary["preempted"] = preempted = True
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("summary: %s", json.dumps(summary))

@@ -67,6 +67,32 @@ def test_signal_saves_and_exits_then_the_run_resumes(image_folder, tmp_path):
                        str(image_folder), "--val", str(image_folder.parent / "val"), "--k", "5", "10"])
     top1 = json.loads(res.stdout.strip().splitlines()[-1])["knn_top1"]
     assert set(top1) == {"5", "10"} and all(0 <= v <= 100 for v in top1.values())
+    res = run_command([PYTHON, "-m", "esvit_scale.eval", "linear", "--checkpoint", str(ckpt), "--train",
+                       str(image_folder), "--val", str(image_folder.parent / "val"), "--epochs", "20"])
+    assert 0 <= json.loads(res.stdout.strip().splitlines()[-1])["linear_top1"] <= 100
+    assert "linear probe top-1" in res.stderr and "-d features)" in res.stderr
+
+
+def test_linear_probe_learns_separable_features_and_not_shuffled_labels():
+    from esvit_scale.eval.linear import train_linear
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(5, 40, generator=g)
+    labels = torch.arange(5).repeat_interleave(40)
+    feats = centres[labels] + torch.randn(200, 40, generator=g)
+    assert train_linear(feats[::2], labels[::2], feats[1::2], labels[1::2], epochs=30) > 95
+    shuffled = labels[torch.randperm(200, generator=g)]
+    assert train_linear(feats[::2], shuffled[::2], feats[1::2], shuffled[1::2], epochs=30) < 50
+
+
+def test_linear_probe_features_are_the_last_blocks_averaged():
+    from esvit_scale.config import ModelConfig
+    from esvit_scale.eval.linear import block_features_fn
+    from esvit_scale.models.swin import SwinBackbone
+    backbone = SwinBackbone(ModelConfig(arch="swin_tiny"), img_size=224).eval()
+    widths = [96, 192, 384, 384, 768, 768]                  # Swin-T: stage 3 ends with 384, stage 4 is 768 wide
+    x = torch.randn(2, 3, 64, 64)
+    for n in (1, 4):
+        assert block_features_fn(backbone, n)(x).shape == (2, sum(widths[-n:]))     # 4 blocks: 2304-d
 
 
 def test_knn_classify_separable_and_weighted():

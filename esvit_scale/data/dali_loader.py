@@ -198,7 +198,3 @@ class DaliMultiCropLoader:
                     yield crops
             finally:
                 del pipe
-        if self.unusable:
-            names = [Path(self.paths[i]).name for i in sorted(self.unusable)]
-            log.warning("epoch %d: %d unusable images skipped so far: %s", epoch, len(names),
-                        ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))

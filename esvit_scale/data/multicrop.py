@@ -50,3 +50,6 @@ class MultiCropLoader(Protocol):
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
         """This rank's batches of `epoch`, from batch `start_batch` on."""
+
+    def skipped_files(self) -> list[str]:
+        """Every file this loader has left out so far: names that are not images, then unusable images."""

@@ -1,6 +1,7 @@
 """Evaluation of a checkpoint's teacher backbone.
 
   python -m esvit_scale.eval knn --checkpoint RUN/checkpoints/<tag> --train TRAIN_DIR --val VAL_DIR
+  python -m esvit_scale.eval linear --checkpoint RUN/checkpoints/<tag> --train TRAIN_DIR --val VAL_DIR
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from esvit_scale import ops
 from esvit_scale.checkpoint import COMPLETE, read_client_state
 from esvit_scale.config import config_from_dict
 from esvit_scale.eval.knn import knn_eval
+from esvit_scale.eval.linear import block_features_fn, linear_eval
 from esvit_scale.models.esvit import EsViT
 
 
@@ -34,14 +36,18 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     knn = sub.add_parser("knn", help="weighted k-NN top-1 of the teacher's view features")
-    knn.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder (…/checkpoints/<tag>)")
-    knn.add_argument("--train", required=True, help="labelled image folder for the neighbours")
-    knn.add_argument("--val", required=True, help="labelled image folder to classify")
+    linear = sub.add_parser("linear", help="linear probe top-1 on the teacher's last blocks (frozen)")
+    for p in (knn, linear):
+        p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder (…/checkpoints/<tag>)")
+        p.add_argument("--train", required=True, help="labelled image folder to fit on (k-NN: the neighbours)")
+        p.add_argument("--val", required=True, help="labelled image folder to classify")
+        p.add_argument("--image-size", type=int, default=None, help="default: the run's eval.image_size")
+        p.add_argument("--resize-size", type=int, default=None, help="default: the run's eval.resize_size")
+        p.add_argument("--json", type=Path, help="write the result here")
     knn.add_argument("--k", type=int, nargs="+", default=None, help="default: the run's eval.knn_k")
     knn.add_argument("--temperature", type=float, default=0.07)
-    knn.add_argument("--image-size", type=int, default=None, help="default: the run's eval.image_size")
-    knn.add_argument("--resize-size", type=int, default=None, help="default: the run's eval.resize_size")
-    knn.add_argument("--json", type=Path, help="write the result here")
+    linear.add_argument("--blocks", type=int, default=None, help="default: the run's eval.linear_blocks")
+    linear.add_argument("--epochs", type=int, default=None, help="default: the run's eval.linear_epochs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -51,10 +57,16 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher.to(device)
-    result = knn_eval(lambda x: teacher.backbone(x)[0], args.train, args.val, args.k or cfg.eval.knn_k,
-                      args.temperature, args.resize_size or cfg.eval.resize_size,
-                      args.image_size or cfg.eval.image_size, device)
-    out = {"checkpoint": str(args.checkpoint), "knn_top1": {str(k): v for k, v in result.items()}}
+    resize, crop = args.resize_size or cfg.eval.resize_size, args.image_size or cfg.eval.image_size
+    out: dict = {"checkpoint": str(args.checkpoint)}
+    if args.command == "knn":
+        result = knn_eval(lambda x: teacher.backbone(x)[0], args.train, args.val, args.k or cfg.eval.knn_k,
+                          args.temperature, resize, crop, device)
+        out["knn_top1"] = {str(k): v for k, v in result.items()}
+    else:
+        features = block_features_fn(teacher.backbone, args.blocks or cfg.eval.linear_blocks)
+        out["linear_top1"] = linear_eval(features, args.train, args.val, resize, crop, device,
+                                         epochs=args.epochs or cfg.eval.linear_epochs)
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -32,9 +32,10 @@ class EvalImages(Dataset):
 
 @torch.no_grad()
 def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], index: ImageIndex, resize: int, crop: int,
-                     device: torch.device, batch_size: int = 64, num_workers: int = 2) -> torch.Tensor:
-    """(N, C) L2-normalised features in index order. Every rank calls it (ZeRO-3 forwards are collective);
-    each embeds its share and the shares are gathered."""
+                     device: torch.device, batch_size: int = 64, num_workers: int = 2,
+                     normalize: bool = True) -> torch.Tensor:
+    """(N, C) features in index order, L2-normalised unless told not to. Every rank calls it (ZeRO-3 forwards are
+    collective); each embeds its share and the shares are gathered."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(range(rank, len(index), world))
     data = EvalImages([index.paths[i] for i in mine], resize, crop)
@@ -48,7 +49,7 @@ def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], index: Ima
         x = next(batches, None)
         out = forward((dummy if x is None else x).to(device))
         if x is not None:
-            feats.append(F.normalize(out.float(), dim=-1).cpu())
+            feats.append((F.normalize(out.float(), dim=-1) if normalize else out.float()).cpu())
     local = torch.cat(feats) if feats else torch.zeros(0, 1)
     if world == 1:
         return local

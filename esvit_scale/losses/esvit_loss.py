@@ -1,18 +1,20 @@
-"""The EsViT loss: view-level DINO term + region-matching term over every (teacher global, student crop) pair.
+"""The EsViT objective: teacher targets (centred, sharpened) and a sum of loss terms, each a module of its own.
 
-For teacher global crop g in {0, 1} and every student crop v != g (18 pairs with 2 + 8 crops):
-    L_V = sum_k -P_t_view[g, k] * log_softmax(z_s_view[v] / tau_s)[k]
-    L_R = mean_i sum_k -P_t_region[g, j*(i), k] * log_softmax(z_s_region[v, i] / tau_s)[k],
-          j*(i) = argmax_j cos(f_s[v, i], f_t[g, j])   (backbone features, no gradient)
-    pair loss = pair_factor * (L_V + L_R)      (pair_factor 0.5 as in the official code)
-Total = mean over pairs and images. Teacher outputs are centred (separate view and region centres) and
-sharpened by the teacher temperature; the centres follow an EMA of the batch mean, all-reduced.
+    loss = sum over terms of weight * term      (view and region: pair_factor = 0.5 as in the official code;
+                                                 koleo: loss.koleo_weight)
+Terms (TERMS; a term is on by its config entry, see `term_names`): view.py (the DINO view term), region.py (the
+region-matching term), koleo.py (a feature-spreading regulariser). Each returns its loss and named readings; the
+objective returns {"loss": total, "<term>_loss": ..., readings...}, and the trainer sums and logs whatever is in
+that dict. With `monitor` set (the trainer sets it on log steps) the terms and the objective add the health
+readings of esvit_scale/losses/monitors.py.
 
-The region term runs one fused call per student crop (all its teacher targets at once) that writes its gradient
-over student.region_logits while computing the loss: those tensors are consumed and must not be read after the
-loss (with `kernels.region_matching: false` the reference formulation runs and nothing is consumed).
+Teacher outputs are centred (separate view and region centres) and sharpened by the teacher temperature; the
+centres follow an EMA of the batch mean, all-reduced over the ranks.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -20,52 +22,64 @@ import torch.nn.functional as F
 from torch import nn
 
 from esvit_scale.config import LossConfig
+from esvit_scale.losses.koleo import KoLeoTerm
+from esvit_scale.losses.monitors import feature_spread
+from esvit_scale.losses.region import RegionTerm
+from esvit_scale.losses.view import ViewTerm
 from esvit_scale.models.esvit import MultiCropOutput
-from esvit_scale.ops import region_matching
+
+TERMS = {"view": ViewTerm, "region": RegionTerm, "koleo": KoLeoTerm}
+
+
+def term_names(cfg: LossConfig) -> list[str]:
+    """The terms a config switches on."""
+    return ["view"] + (["region"] if cfg.region_loss else []) + (["koleo"] if cfg.koleo_weight > 0 else [])
+
+
+@dataclass
+class TeacherTargets:
+    view: list[torch.Tensor]                 # 2 x (B, K) probabilities
+    region: Optional[torch.Tensor]           # (2, B, Lt, K) probabilities, None without the region term
 
 
 class EsViTLoss(nn.Module):
     def __init__(self, cfg: LossConfig, out_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.monitor = False
         self.register_buffer("view_center", torch.zeros(1, out_dim))
         self.register_buffer("region_center", torch.zeros(1, out_dim))
+        self.terms = nn.ModuleList(TERMS[name](cfg) for name in term_names(cfg))
 
     def forward(self, student: MultiCropOutput, teacher: MultiCropOutput, teacher_temp: float
                 ) -> dict[str, torch.Tensor]:
-        tau_s = self.cfg.student_temp
-        t_view = [F.softmax((z.float() - self.view_center) / teacher_temp, dim=-1).detach()
-                  for z in teacher.view_logits]                                     # 2 x (B, K)
-        s_view = [F.log_softmax(z.float() / tau_s, dim=-1) for z in student.view_logits]
-        use_region = self.cfg.region_loss
-        if use_region:
-            t_region = self._teacher_region_probs(teacher.region_logits, teacher_temp)  # (2, B, Lt, K)
-
-        view_total = region_total = 0.0
-        n_pairs = 0
-        for v in range(len(s_view)):
-            targets = [g for g in range(len(t_view)) if g != v]
-            for g in targets:
-                view_total = view_total + (-t_view[g] * s_view[v]).sum(dim=-1).mean()
-            if use_region:
-                matches = {g: region_matching.region_argmax(student.region_features[v].detach(),
-                                                            teacher.region_features[g].detach()) for g in targets}
-                region_total = region_total + region_matching.matched_soft_cross_entropy_sum(
-                    student.region_logits[v], t_region, matches, tau_s, consume_logits=True)
-            n_pairs += len(targets)
-        view_loss = view_total / n_pairs
-        region_loss = region_total / n_pairs if use_region else torch.zeros_like(view_loss)
+        targets = self.teacher_targets(teacher, teacher_temp)
+        out: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for term in self.terms:
+            loss, readings = term(student, teacher, targets, monitor=self.monitor)
+            total = total + term.weight * loss
+            out[f"{term.name}_loss"] = loss.detach()
+            out.update(readings)
+        if self.monitor:
+            with torch.no_grad():
+                out["feature_std"] = feature_spread(torch.cat([f.mean(dim=1) for f in teacher.region_features[:2]]))
+                out["view_center_norm"] = self.view_center.norm()
+                if targets.region is not None:
+                    out["region_center_norm"] = self.region_center.norm()
         self.update_centers(teacher)
-        return {"loss": self.cfg.pair_factor * (view_loss + region_loss),
-                "view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
+        return {"loss": total, **out}
 
     @torch.no_grad()
-    def _teacher_region_probs(self, logits: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
-        """2 x (B, Lt, K) teacher region logits -> centred, sharpened probabilities in one (2, B, Lt, K) tensor."""
-        probs = torch.empty((len(logits), *logits[0].shape), dtype=torch.float32, device=logits[0].device)
-        for g, z in enumerate(logits):
-            torch.softmax((z.float() - self.region_center) / teacher_temp, dim=-1, out=probs[g])
-        return probs
+    def teacher_targets(self, teacher: MultiCropOutput, teacher_temp: float) -> TeacherTargets:
+        view = [F.softmax((z.float() - self.view_center) / teacher_temp, dim=-1) for z in teacher.view_logits]
+        region = None
+        if self.cfg.region_loss:
+            logits = teacher.region_logits
+            region = torch.empty((len(logits), *logits[0].shape), dtype=torch.float32, device=logits[0].device)
+            for g, z in enumerate(logits):
+                torch.softmax((z.float() - self.region_center) / teacher_temp, dim=-1, out=region[g])
+        return TeacherTargets(view, region)
 
     @torch.no_grad()
     def update_centers(self, teacher: MultiCropOutput) -> None:
