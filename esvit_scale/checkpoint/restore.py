@@ -1,0 +1,188 @@
+"""Where a run starts, in one place: afresh, from `run.init_from`, or resumed from its own newest usable checkpoint.
+
+    start = start_run(cfg, dist_info, student, teacher, loss_fn)
+
+decides, builds the student engine and the EMA teacher, loads what the start needs and returns them with the
+training position (TrainState) and the run's CheckpointStore.
+- resume: the newest complete checkpoint in `run.output_dir/checkpoints/` whose files verify (store.py); student,
+  optimizer, teacher, centres, position and RNG states. It must have been written with this run's layout (world
+  size, ZeRO stage, batch split, precision); another layout stops the run with a message (no elastic resume yet).
+- run.init_from (only when the output folder has no checkpoint): another run's weights (student and teacher),
+  view centre and position; heads the checkpoint lacks must all be new heads (any other missing or unexpected key
+  is an error: the official code's strict=False silently lost weights); they keep their fresh initialisation and
+  the teacher's copy starts equal to the student's. The optimizer starts anew. The paper's view-only -> +region.
+- fresh: the teacher starts equal to the student.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from esvit_scale.checkpoint.files import (CheckpointError, load_file, safe_torch_load, set_rng_state,
+                                          use_safe_checkpoint_engine)
+from esvit_scale.checkpoint.manifest import find_problems, read_marker
+from esvit_scale.checkpoint.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+NEW_HEAD_PREFIXES = ("region_head.",)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    batch_in_epoch: int = 0          # micro-batches of `epoch` consumed per rank
+    step: int = 0                    # optimizer steps done
+    knn_top1_init: Optional[dict] = None
+
+
+@dataclass
+class Start:
+    engine: object
+    optimizer: object
+    teacher: object                  # TeacherEMA
+    state: TrainState
+    checkpoints: CheckpointStore
+    source: str                      # "fresh", "init_from" or "resume"
+
+
+def run_layout(cfg, world_size: int) -> dict:
+    """How a run splits its work: a checkpoint resumes only under the same split."""
+    from esvit_scale.engine.student import accumulation_steps
+    accum = accumulation_steps(cfg, world_size)
+    return {"world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage,
+            "micro_batch": cfg.data.batch_size_per_gpu, "accumulation": accum,
+            "global_batch": cfg.data.batch_size_per_gpu * accum * world_size, "precision": cfg.deepspeed.precision}
+
+
+def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: nn.Module) -> Start:
+    from esvit_scale.engine.student import build_student_engine
+    from esvit_scale.engine.teacher import TeacherEMA
+
+    layout = run_layout(cfg, dist_info.world_size)
+    store = CheckpointStore(cfg.run.output_dir, cfg.run.keep_checkpoints, layout)
+    resume = store.newest_usable()
+    if resume is not None:
+        check_layout(resume, read_marker(resume).get("layout"), layout)
+    state, source = TrainState(), "fresh"
+    if resume is None and cfg.run.init_from:
+        state, source = initialise_from(Path(cfg.run.init_from), student, teacher, loss_fn, layout), "init_from"
+    engine, optimizer = build_student_engine(cfg, student, dist_info.world_size)
+    use_safe_checkpoint_engine(engine)
+    teacher_ema = TeacherEMA(teacher, engine, cfg, dist_info.world_size)
+    if source == "fresh" and resume is None:
+        teacher_ema.copy_from_student()
+    torch.manual_seed(cfg.run.seed + 1000 * dist_info.rank)       # drop-path draws differ per rank
+    if resume is not None:
+        log.info("resuming from %s", resume)
+        state, source = load_checkpoint(resume, engine, teacher_ema, loss_fn), "resume"
+    return Start(engine, optimizer, teacher_ema, state, store, source)
+
+
+def check_layout(path: Path, saved: Optional[dict], layout: dict) -> None:
+    if saved is None:                      # a checkpoint of an older version: nothing to compare
+        return
+    diffs = [f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume {path}: it was written by a run split differently ({', '.join(diffs)}). Continuing "
+            f"would change the global batch, the learning rate or the data order, or fail inside DeepSpeed; elastic "
+            f"resume is not supported yet. Run with {saved.get('world_size')} ranks, deepspeed.zero_stage="
+            f"{saved.get('zero_stage')}, deepspeed.precision={saved.get('precision')} and the same batch settings, "
+            f"or start a new run from its weights with run.init_from={path} (the optimizer starts anew).")
+
+
+def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module) -> TrainState:
+    """Restore student, optimizer, teacher, centres and this rank's RNG; returns the position."""
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+    teacher.load_full_state_dict(load_file(path / "teacher.pt"))
+    rng_file = path / f"rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(load_file(rng_file))
+    else:
+        log.warning("%s missing: this rank's RNG streams restart", rng_file)
+    client = load_file(path / "client_state.pt")
+    loss_fn.load_state_dict(client["loss"])
+    return TrainState(**client["train_state"])
+
+
+# --------------------------------------------------------------------------- run.init_from
+
+def read_student_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 student of a DeepSpeed checkpoint folder, at any ZeRO stage and world size."""
+    if list(path.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with safe_torch_load():
+            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    model_file = path / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{path}: no DeepSpeed model states found")
+    return {k: v.float() for k, v in load_file(model_file)["module"].items()}
+
+
+def load_allowing_new_heads(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
+    """load_state_dict that tolerates only missing new-head parameters; returns the missing names."""
+    result = model.load_state_dict(state, strict=False)
+    bad_missing = [k for k in result.missing_keys if not k.startswith(NEW_HEAD_PREFIXES)]
+    if bad_missing or result.unexpected_keys:
+        raise RuntimeError(f"{what}: checkpoint does not fit the model: missing {bad_missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    return result.missing_keys
+
+
+def verified_marker(path: Path) -> dict:
+    """Collective: the marker of a complete checkpoint folder whose files verify; an error otherwise."""
+    marker = read_marker(path)
+    if marker is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no COMPLETE marker)")
+    problems = find_problems(path, marker)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}")
+    return marker
+
+
+def initialise_from(path: Path, student: nn.Module, teacher: nn.Module, loss_fn: nn.Module,
+                    layout: dict) -> TrainState:
+    try:
+        marker = verified_marker(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"run.init_from: {e}") from None
+    new = load_allowing_new_heads(student, read_student_weights(path), "student")
+    load_allowing_new_heads(teacher, load_file(path / "teacher.pt"), "teacher")
+    student_params = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name in new:
+                p.copy_(student_params[name])
+    client = load_file(path / "client_state.pt")
+    centres = {k: v for k, v in client["loss"].items() if k in loss_fn.state_dict()}
+    loss_fn.load_state_dict({**loss_fn.state_dict(), **centres})
+    state = TrainState(**client["train_state"])
+    state.batch_in_epoch = _batches_at(state.batch_in_epoch, marker.get("layout"), layout, path)
+    log.info("initialised from %s at epoch %d, step %d; new parameters: %s", path, state.epoch, state.step,
+             sorted({n.split(".")[0] for n in new}) or "none")
+    return state
+
+
+def _batches_at(batches: int, saved: Optional[dict], layout: dict, path: Path) -> int:
+    """The same position inside an epoch in micro-batches per rank of `layout` (the sampler's order of samples
+    does not depend on the split: after b micro-batches per rank, the first b * micro * world are read)."""
+    if saved is None or batches == 0:
+        return batches
+    samples = batches * saved["micro_batch"] * saved["world_size"]
+    per_batch = layout["micro_batch"] * layout["world_size"]
+    step_samples = layout["global_batch"]
+    if samples % step_samples:
+        raise CheckpointError(f"run.init_from={path} stopped {samples} samples into its epoch, not a whole number "
+                              f"of this run's global batches ({step_samples}): change the batch settings or start "
+                              "from an epoch-end checkpoint")
+    return samples // per_batch

@@ -1,0 +1,230 @@
+"""Checkpoints under real 2-rank DeepSpeed runs: integrity (damaged checkpoints are skipped), safe loading (pickle
+payloads refused, never run), a layout change that cannot be honoured stops, NaN stops name a checkpoint that
+resumes, a full disk fails cleanly, and logs hold one record per step after a resume."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from conftest import PYTHON, read_losses, run_command, tiny_overrides, torchrun
+
+CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
+OPTS = {"run.max_steps": 3, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 5}
+
+
+def tag(step: int) -> str:
+    return f"step{step:09d}"
+
+
+@pytest.fixture(scope="module")
+def finished_run(image_folder, tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-0 run of 3 steps with a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    torchrun(CONFIG + tiny_overrides(image_folder, out, **OPTS))
+    assert sorted(read_losses(out)) == [1, 2, 3]
+    return out
+
+
+def copy_run(finished_run, dest, upto: int):
+    """The run as a crash right after checkpoint `upto` left it (later checkpoints gone)."""
+    shutil.copytree(finished_run / "checkpoints", dest / "checkpoints")
+    for step in range(upto + 1, 4):
+        shutil.rmtree(dest / "checkpoints" / tag(step))
+    return dest
+
+
+def reseal(folder, name):
+    """Rewrite the manifest entry of `name` as a forger would, so that only safe loading stands in the way."""
+    from esvit_scale.checkpoint.manifest import crc32
+    marker = json.loads((folder / "COMPLETE").read_text())
+    marker["files"][name] = {"size": (folder / name).stat().st_size, "crc32": crc32(folder / name)}
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+
+
+class Payload:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+# ------------------------------------------------------------------ integrity
+
+def _damage(folder, how):
+    if how == "missing marker":
+        (folder / "COMPLETE").unlink()
+        return folder.name
+    name = {"truncated teacher": "teacher.pt", "truncated model states": "mp_rank_00_model_states.pt",
+            "missing client state": "client_state.pt"}[how]
+    if how.startswith("truncated"):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    else:
+        (folder / name).unlink()
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("how", ["truncated teacher", "truncated model states", "missing client state",
+                                 "missing marker"])
+def test_damaged_newest_checkpoint_is_skipped_and_the_previous_one_resumes(how, finished_run, image_folder,
+                                                                           tmp_path):
+    out = copy_run(finished_run, tmp_path / "run", upto=3)
+    named = _damage(out / "checkpoints" / tag(3), how)
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **{**OPTS, "run.max_steps": 4}))
+    assert named in proc.stderr, proc.stderr[-3000:]
+    assert ("skipping checkpoint" if how != "missing marker" else "ignoring unfinished checkpoints") in proc.stderr
+    assert f"resuming from {out / 'checkpoints' / tag(2)}" in proc.stderr
+    resumed, uninterrupted = read_losses(out), read_losses(finished_run)
+    assert sorted(resumed) == [3, 4]
+    assert resumed[3] == pytest.approx(uninterrupted[3], rel=1e-6, abs=1e-7)
+    assert (out / "checkpoints" / tag(3) / "COMPLETE").is_file()       # written again, whole
+
+
+def test_no_usable_checkpoint_stops_the_run_with_a_message(finished_run, image_folder, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run", upto=2)
+    for step in (1, 2):
+        _damage(out / "checkpoints" / tag(step), "truncated teacher")
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **OPTS), check=False)
+    assert proc.returncode != 0
+    assert "no usable checkpoint" in proc.stderr and "teacher.pt" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()                        # nothing trained
+
+
+# ------------------------------------------------------------------ safe loading
+
+@pytest.mark.parametrize("name", ["client_state.pt", "rank0.pt", "mp_rank_00_model_states.pt", "teacher.pt"])
+def test_pickle_payload_in_a_checkpoint_is_refused_not_run(name, finished_run, image_folder, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run", upto=2)
+    folder, proof = out / "checkpoints" / tag(2), tmp_path / "payload_ran"
+    torch.save({"module": Payload(proof)}, folder / name)
+    reseal(folder, name)
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **OPTS), check=False)
+    assert proc.returncode != 0
+    assert f"refusing to load {folder / name}" in proc.stderr and "Nothing was executed" in proc.stderr
+    assert not proof.exists()
+
+
+def test_pickle_payload_reached_through_init_from_is_refused(finished_run, image_folder, tmp_path):
+    source = copy_run(finished_run, tmp_path / "source", upto=2) / "checkpoints" / tag(2)
+    proof = tmp_path / "payload_ran"
+    torch.save({"module": Payload(proof)}, source / "mp_rank_00_model_states.pt")
+    reseal(source, "mp_rank_00_model_states.pt")
+    proc = run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, tmp_path / "new", **{
+        "run.init_from": str(source), "run.max_steps": 3})], check=False)
+    assert proc.returncode != 0 and "refusing to load" in proc.stderr and not proof.exists()
+
+
+def test_zero_checkpoint_consolidation_loads_safely(image_folder, tmp_path):
+    """DeepSpeed's own offline consolidation (zero_to_fp32) runs inside safe_torch_load: a payload in a ZeRO-2
+    optimizer shard is refused; the genuine shards consolidate to the student."""
+    from esvit_scale.checkpoint import CheckpointError
+    from esvit_scale.checkpoint.restore import read_student_weights
+    out = tmp_path / "z2"
+    torchrun(CONFIG + tiny_overrides(image_folder, out, **{"deepspeed.zero_stage": 2, "run.max_steps": 1}))
+    folder = out / "checkpoints" / tag(1)
+    weights = read_student_weights(folder)
+    assert len(weights) > 10 and all(torch.isfinite(w).all() for w in weights.values())
+    proof = tmp_path / "payload_ran"
+    shard = folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload(proof)}, shard)
+    with pytest.raises(CheckpointError, match="refusing to load .*zero_pp_rank_1"):
+        read_student_weights(folder)
+    assert not proof.exists()
+
+
+# ------------------------------------------------------------------ layout
+
+def test_resume_at_another_world_size_stops_with_a_message(finished_run, image_folder, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run", upto=2)
+    proc = run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **OPTS)], check=False)
+    assert proc.returncode != 0
+    assert "cannot resume" in proc.stderr and "world_size 2 -> 1" in proc.stderr and "global_batch 8 -> 4" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_layout_check_names_a_zero_stage_change():
+    from pathlib import Path
+
+    from esvit_scale.checkpoint import CheckpointError
+    from esvit_scale.checkpoint.restore import check_layout
+    saved = {"world_size": 2, "zero_stage": 2, "micro_batch": 4, "accumulation": 1, "global_batch": 8,
+             "precision": "fp32"}
+    check_layout(Path("x"), saved, dict(saved))
+    with pytest.raises(CheckpointError, match="zero_stage 2 -> 3"):
+        check_layout(Path("x"), saved, {**saved, "zero_stage": 3})
+
+
+# ------------------------------------------------------------------ logs after a resume
+
+def test_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(finished_run, image_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = copy_run(finished_run, tmp_path / "run", upto=2)           # the crashed run had logged step 3 too
+    shutil.copy(finished_run / "metrics.jsonl", out / "metrics.jsonl")
+    shutil.copytree(finished_run / "tensorboard", out / "tensorboard")
+    torchrun(CONFIG + tiny_overrides(image_folder, out, **{**OPTS, "run.max_steps": 4}))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert logged[2][1] == pytest.approx(read_losses(out)[3])
+
+
+# ------------------------------------------------------------------ NaN stops and failed saves
+
+def test_nan_stop_names_a_checkpoint_that_resumes_without_nan(image_folder, tmp_path):
+    """The loss of step N tests the weights of step N-1: the checkpoint of N-1 is marked REJECTED, and the one the
+    message names resumes, with a sane learning rate, to finite losses."""
+    import re
+    out = tmp_path / "run"
+    opts = {"run.max_steps": 12, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 1}
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **opts, **{"optim.base_lr": 1e6}), check=False)
+    assert proc.returncode != 0
+    found = re.search(r"loss is not finite at epoch \d+, step (\d+) .*Last complete checkpoint: (\S+)\.", proc.stderr)
+    assert found, proc.stderr[-3000:]
+    nan_step, named = int(found.group(1)), found.group(2)
+    assert named.endswith(tag(nan_step - 2)), (nan_step, named)      # not the checkpoint the NaN loss tested
+    assert (out / "checkpoints" / tag(nan_step - 1) / "REJECTED").is_file()
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **{**opts, "run.max_steps": nan_step + 2}))
+    assert f"resuming from {named}" in proc.stderr
+    losses = read_losses(out)
+    assert all(losses[s] == losses[s] and abs(losses[s]) < 1e3 for s in range(nan_step - 1, nan_step + 3)), losses
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A tmpfs with room for one checkpoint of the tiny model (~23 MB) and part of the next one."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("small_disk, full_at", [("32M", "mp_rank_00_model_states.pt"), ("40M", "teacher.pt")],
+                         indirect=["small_disk"], ids=["deepspeed_file", "our_file"])
+def test_save_onto_a_full_disk_names_the_file_and_enospc_and_the_previous_checkpoint_resumes(
+        small_disk, full_at, image_folder, tmp_path):
+    out = small_disk / "run"
+    opts = {"run.max_steps": 2, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 1}
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **opts), check=False)
+    assert proc.returncode != 0
+    assert (f"[Errno 28] No space left on device (writing checkpoint file {out / 'checkpoints' / tag(2) / full_at})"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "partial folder was removed" in proc.stderr
+    assert not (out / "checkpoints" / tag(2)).exists()
+    assert (out / "checkpoints" / tag(1) / "COMPLETE").is_file()
+    subprocess.run(["mount", "-o", "remount,size=200M", str(small_disk)], check=True)
+    proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **opts))
+    assert f"resuming from {out / 'checkpoints' / tag(1)}" in proc.stderr
+    assert sorted(read_losses(out)) == [1, 2]
