@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from esvit_scale.checkpoint import CheckpointError, load_file
-from esvit_scale.checkpoint.restore import read_student_weights, verified_marker
+from esvit_scale.checkpoint.restore import read_student_weights, read_teacher_weights, verified_marker
 from esvit_scale.config import config_from_dict
 from esvit_scale.models.swin import resolve_arch
 
@@ -55,7 +55,7 @@ def export(checkpoint: Path, out_dir: Path) -> dict:
     marker = verified_marker(checkpoint)
     client = load_file(checkpoint / "client_state.pt")
     cfg = config_from_dict(client["config"])
-    teacher = load_file(checkpoint / "teacher.pt")
+    teacher = read_teacher_weights(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save(timm_backbone_state(teacher), out_dir / "backbone_timm.safetensors")
     _save(teacher, out_dir / "teacher.safetensors")

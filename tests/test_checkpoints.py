@@ -228,3 +228,8 @@ def test_save_onto_a_full_disk_names_the_file_and_enospc_and_the_previous_checkp
     proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **opts))
     assert f"resuming from {out / 'checkpoints' / tag(1)}" in proc.stderr
     assert sorted(read_losses(out)) == [1, 2]
+
+
+def test_zero3_save_writes_teacher_shards_without_gathering(image_folder, tmp_path):
+    proc = torchrun(["tests/scripts/check_teacher_shards.py", *tiny_overrides(image_folder, tmp_path)])
+    assert proc.stdout.count("SHARDS OK") == 2

@@ -104,7 +104,10 @@ def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module) -> TrainSta
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
-    teacher.load_full_state_dict(load_file(path / "teacher.pt"))
+    if (path / "teacher.pt").is_file():
+        teacher.load_full_state_dict(load_file(path / "teacher.pt"))
+    else:                                       # ZeRO-3 shards of the same layout (check_layout)
+        teacher.load_local_state(load_file(path / f"teacher_rank{rank}.pt"))
     rng_file = path / f"rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(load_file(rng_file))
@@ -127,6 +130,21 @@ def read_student_weights(path: Path) -> dict[str, torch.Tensor]:
     if not model_file.is_file():
         raise FileNotFoundError(f"{path}: no DeepSpeed model states found")
     return {k: v.float() for k, v in load_file(model_file)["module"].items()}
+
+
+def read_teacher_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 teacher of a checkpoint folder: teacher.pt, or the ZeRO-3 shards of every rank put together."""
+    if (path / "teacher.pt").is_file():
+        return load_file(path / "teacher.pt")
+    files = sorted(path.glob("teacher_rank*.pt"), key=lambda f: int(f.stem[len("teacher_rank"):]))
+    if not files:
+        raise FileNotFoundError(f"{path}: no teacher.pt and no teacher_rank*.pt shards")
+    shards = [load_file(f) for f in files]
+    full = {}
+    for i, (name, shape) in enumerate(zip(shards[0]["names"], shards[0]["shapes"])):
+        flat = torch.cat([s["shards"][i].flatten() for s in shards])
+        full[name] = flat[:torch.Size(shape).numel()].view(shape).float()
+    return full
 
 
 def load_allowing_new_heads(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
@@ -157,7 +175,7 @@ def initialise_from(path: Path, student: nn.Module, teacher: nn.Module, loss_fn:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"run.init_from: {e}") from None
     new = load_allowing_new_heads(student, read_student_weights(path), "student")
-    load_allowing_new_heads(teacher, load_file(path / "teacher.pt"), "teacher")
+    load_allowing_new_heads(teacher, read_teacher_weights(path), "teacher")
     student_params = dict(student.named_parameters())
     with torch.no_grad():
         for name, p in teacher.named_parameters():

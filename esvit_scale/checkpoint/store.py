@@ -2,7 +2,9 @@
 
 Layout of `<output_dir>/checkpoints/`:
     <tag>/                       DeepSpeed's files (model/optimizer shards of every rank)
-    <tag>/teacher.pt             the full fp32 teacher (gathered one parameter at a time at ZeRO-3)
+    <tag>/teacher.pt             the full fp32 teacher (ZeRO 0-2)
+    <tag>/teacher_rank<R>.pt     ZeRO-3: rank R's shard of every teacher parameter (restore.read_teacher_weights
+                                 puts them together when full weights are wanted: init_from, eval, export)
     <tag>/rank<R>.pt             that rank's RNG states (tensors and plain data)
     <tag>/client_state.pt        epoch, step, loader position, loss centres, config (rank 0)
     <tag>/COMPLETE               written last, after every rank finished: layout and manifest (manifest.py)
@@ -146,12 +148,14 @@ class CheckpointStore:
             engine.save_checkpoint(str(self.root), tag=path.name)    # has collectives inside: a failure ends here
         except OSError as e:
             self._failed(path, [str(e)])
-        teacher_state = teacher.full_state_dict()
         error = None
         try:
             save_file(rng_state(), path / f"rank{rank}.pt")
+            if teacher.partitioned:                  # each rank its own shard: no rank ever holds the whole teacher
+                save_file(teacher.local_state(), path / f"teacher_rank{rank}.pt")
+            elif rank == 0:
+                save_file(teacher.full_state_dict(), path / "teacher.pt")
             if rank == 0:
-                save_file(teacher_state, path / "teacher.pt")
                 save_file(client_state, path / "client_state.pt")
         except OSError as e:
             error = str(e)

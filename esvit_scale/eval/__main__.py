@@ -14,6 +14,7 @@ import torch
 
 from esvit_scale import ops
 from esvit_scale.checkpoint import COMPLETE, CheckpointError, load_file
+from esvit_scale.checkpoint.restore import read_teacher_weights
 from esvit_scale.config import config_from_dict
 from esvit_scale.eval.knn import knn_eval
 from esvit_scale.models.esvit import EsViT
@@ -25,7 +26,7 @@ def load_teacher(checkpoint: Path) -> tuple[EsViT, object]:
     cfg = config_from_dict(load_file(checkpoint / "client_state.pt")["config"])
     ops.configure(cfg.kernels)
     teacher = EsViT(cfg, is_teacher=True)
-    teacher.load_state_dict(load_file(checkpoint / "teacher.pt"))
+    teacher.load_state_dict(read_teacher_weights(checkpoint))
     return teacher.eval(), cfg
 
 
