@@ -9,7 +9,8 @@ writes into OUT_DIR
     student.safetensors         the whole fp32 student, consolidated from any ZeRO stage and world size
     export.json                 the timm model name and arguments, the run's config, step and k-NN result
 Load the backbone with timm (no network: the weights come from the file):
-    timm.create_model(j["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=".../backbone_timm.safetensors"),
+    timm.create_model(j["timm_model"], pretrained=True,
+                      pretrained_cfg_overlay=dict(file=".../backbone_timm.safetensors"),
                       norm_layer=functools.partial(torch.nn.LayerNorm, eps=j["layer_norm_eps"]), **j["timm_kwargs"])
 """
 from __future__ import annotations

@@ -99,7 +99,7 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)                       # identical initial weights on every rank
         student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
-        self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim)
+        self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim, accumulation=self.accum)
         start = start_run(cfg, self.dist, student, teacher, self.loss_fn)      # fresh, init_from or resume
         self.engine, self.optimizer, self.teacher = start.engine, start.optimizer, start.teacher
         self.state, self.checkpoints = start.state, start.checkpoints

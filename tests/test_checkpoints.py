@@ -144,7 +144,8 @@ def test_resume_at_another_world_size_stops_with_a_message(finished_run, image_f
     out = copy_run(finished_run, tmp_path / "run", upto=2)
     proc = run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **OPTS)], check=False)
     assert proc.returncode != 0
-    assert "cannot resume" in proc.stderr and "world_size 2 -> 1" in proc.stderr and "global_batch 8 -> 4" in proc.stderr
+    assert "cannot resume" in proc.stderr and "world_size 2 -> 1" in proc.stderr
+    assert "global_batch 8 -> 4" in proc.stderr
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -158,6 +159,54 @@ def test_layout_check_names_a_zero_stage_change():
     check_layout(Path("x"), saved, dict(saved))
     with pytest.raises(CheckpointError, match="zero_stage 2 -> 3"):
         check_layout(Path("x"), saved, {**saved, "zero_stage": 3})
+
+
+@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_zero0_resumes_on_another_world_size_with_the_losses_of_the_same_global_batch(ranks, image_folder, tmp_path):
+    """Global batch 8 as 2 ranks x 1 micro-batch or 1 rank x 2 accumulated ones (drop-path off): the same samples
+    per step and the centres moved once per step, so the resumed losses are those of the uninterrupted run."""
+    opts = {"deepspeed.global_batch_size": 8, "model.drop_path_rate": 0.0, "run.max_steps": 4,
+            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5}
+
+    def run(nproc, out):
+        args = CONFIG + tiny_overrides(image_folder, out, **opts)
+        return torchrun(args) if nproc == 2 else run_command([PYTHON, *args])
+
+    before, after = ranks
+    run(before, tmp_path / "full")
+    uninterrupted = read_losses(tmp_path / "full")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / tag(2), resumed / "checkpoints" / tag(2))
+    proc = run(after, resumed)
+    assert f"written by {before} ranks" in proc.stderr and "the same global batch of 8" in proc.stderr
+    losses = read_losses(resumed)
+    assert sorted(losses) == [3, 4]
+    for step in (3, 4):
+        assert losses[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), (step, losses, uninterrupted)
+
+
+def test_centres_move_once_per_optimizer_step_over_the_accumulated_batch():
+    from esvit_scale.config import LossConfig
+    from esvit_scale.losses.esvit_loss import EsViTLoss
+    from esvit_scale.models.esvit import MultiCropOutput
+    g = torch.Generator().manual_seed(0)
+
+    def outputs(b):
+        return MultiCropOutput(view_logits=[torch.randn(b, 8, generator=g) for _ in range(2)],
+                               region_logits=[torch.randn(b, 3, 8, generator=g) for _ in range(2)],
+                               region_features=None)
+
+    first, second = outputs(4), outputs(4)
+    both = MultiCropOutput([torch.cat([a, b]) for a, b in zip(first.view_logits, second.view_logits)],
+                           [torch.cat([a, b]) for a, b in zip(first.region_logits, second.region_logits)], None)
+    split = EsViTLoss(LossConfig(center_momentum=0.9), 8, accumulation=2)
+    whole = EsViTLoss(LossConfig(center_momentum=0.9), 8)
+    split.update_centers(first)
+    assert torch.count_nonzero(split.view_center) == 0                 # not before the step's last micro-batch
+    split.update_centers(second)
+    whole.update_centers(both)
+    torch.testing.assert_close(split.view_center, whole.view_center)
+    torch.testing.assert_close(split.region_center, whole.region_center)
 
 
 # ------------------------------------------------------------------ logs after a resume

@@ -81,20 +81,35 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
     if resume is not None:
         log.info("resuming from %s", resume)
         state, source = load_checkpoint(resume, engine, teacher_ema, loss_fn), "resume"
+        state.batch_in_epoch = _batches_at(state.batch_in_epoch, read_marker(resume).get("layout"), layout, resume)
     return Start(engine, optimizer, teacher_ema, state, store, source)
 
 
+ELASTIC_KEYS = {"world_size", "micro_batch", "accumulation"}      # may change at ZeRO-0 if the global batch stays
+
+
 def check_layout(path: Path, saved: Optional[dict], layout: dict) -> None:
+    """A checkpoint resumes under the layout that wrote it or, at ZeRO stage 0 (every rank holds the whole student
+    and optimizer), under another split of the same global batch: the sampler reads the same samples per optimizer
+    step whatever the split, and the centres move once per step. Anything else stops the run."""
     if saved is None:                      # a checkpoint of an older version: nothing to compare
         return
-    diffs = [f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(
-            f"cannot resume {path}: it was written by a run split differently ({', '.join(diffs)}). Continuing "
-            f"would change the global batch, the learning rate or the data order, or fail inside DeepSpeed; elastic "
-            f"resume is not supported yet. Run with {saved.get('world_size')} ranks, deepspeed.zero_stage="
-            f"{saved.get('zero_stage')}, deepspeed.precision={saved.get('precision')} and the same batch settings, "
-            f"or start a new run from its weights with run.init_from={path} (the optimizer starts anew).")
+    changed = {k for k, v in layout.items() if saved.get(k) != v}
+    if not changed:
+        return
+    if changed <= ELASTIC_KEYS and layout["zero_stage"] == 0:
+        log.warning("resuming %s, written by %d ranks x %d micro-batches of %d, with %d ranks x %d x %d (the same "
+                    "global batch of %d)", path, saved["world_size"], saved["accumulation"], saved["micro_batch"],
+                    layout["world_size"], layout["accumulation"], layout["micro_batch"], layout["global_batch"])
+        return
+    diffs = [f"{k} {saved.get(k)} -> {layout[k]}" for k in layout if k in changed]
+    raise CheckpointError(
+        f"cannot resume {path}: it was written by a run split differently ({', '.join(diffs)}). Continuing would "
+        f"change the global batch, the learning rate or the data order, or fail inside DeepSpeed. A checkpoint "
+        f"resumes under another world size only at ZeRO stage 0 with the same global batch and precision. Run with "
+        f"{saved.get('world_size')} ranks, deepspeed.zero_stage={saved.get('zero_stage')}, deepspeed.precision="
+        f"{saved.get('precision')} and global batch {saved.get('global_batch')}, or start a new run from its weights "
+        f"with run.init_from={path} (the optimizer starts anew).")
 
 
 def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module) -> TrainState:
@@ -200,7 +215,7 @@ def _batches_at(batches: int, saved: Optional[dict], layout: dict, path: Path) -
     per_batch = layout["micro_batch"] * layout["world_size"]
     step_samples = layout["global_batch"]
     if samples % step_samples:
-        raise CheckpointError(f"run.init_from={path} stopped {samples} samples into its epoch, not a whole number "
+        raise CheckpointError(f"checkpoint {path} stopped {samples} samples into its epoch, not a whole number "
                               f"of this run's global batches ({step_samples}): change the batch settings or start "
                               "from an epoch-end checkpoint")
     return samples // per_batch

@@ -179,8 +179,8 @@ class CheckpointStore:
                               f"the previous checkpoint {self.last_good() or '(none)'} is untouched.")
 
     def _prune(self, newest: str) -> None:
-        """Collective. Keep the newest `keep` checkpoints and, whatever `keep` says, the newest one before `newest`: only the
-        loss of the step after a checkpoint shows its weights are sound, and `newest` has not had that yet."""
+        """Collective. Keep the newest `keep` checkpoints and, whatever `keep` says, the newest one before `newest`:
+        only the loss of the step after a checkpoint shows its weights are sound, and `newest` has not had that yet."""
         good = [t for t, m in self._folders() if m is not None and t not in self.bad and t <= newest]
         protected = set(good[-self.keep:]) | {t for t in good[-2:-1]}
         for tag in good:
