@@ -161,12 +161,15 @@ def test_layout_check_names_a_zero_stage_change():
         check_layout(Path("x"), saved, {**saved, "zero_stage": 3})
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
 @pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
-def test_zero0_resumes_on_another_world_size_with_the_losses_of_the_same_global_batch(ranks, image_folder, tmp_path):
+def test_resume_on_another_world_size_gives_the_losses_of_the_same_global_batch(stage, ranks, image_folder, tmp_path):
     """Global batch 8 as 2 ranks x 1 micro-batch or 1 rank x 2 accumulated ones (drop-path off): the same samples
-    per step and the centres moved once per step, so the resumed losses are those of the uninterrupted run."""
+    per step and the centres moved once per step, so the resumed losses are those of the uninterrupted run. At
+    ZeRO 1-3 through a universal copy made next to the checkpoint, which stays as it was."""
+    from esvit_scale.checkpoint.manifest import find_problems, read_marker
     opts = {"deepspeed.global_batch_size": 8, "model.drop_path_rate": 0.0, "run.max_steps": 4,
-            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5}
+            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5, "deepspeed.zero_stage": stage}
 
     def run(nproc, out):
         args = CONFIG + tiny_overrides(image_folder, out, **opts)
@@ -183,6 +186,9 @@ def test_zero0_resumes_on_another_world_size_with_the_losses_of_the_same_global_
     assert sorted(losses) == [3, 4]
     for step in (3, 4):
         assert losses[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), (step, losses, uninterrupted)
+    original = resumed / "checkpoints" / tag(2)
+    assert find_problems(original, read_marker(original)) == []
+    assert (resumed / "checkpoints" / (tag(2) + "_universal")).is_dir() == (stage > 0)
 
 
 def test_centres_move_once_per_optimizer_step_over_the_accumulated_batch():

@@ -67,12 +67,11 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
     layout = run_layout(cfg, dist_info.world_size)
     store = CheckpointStore(cfg.run.output_dir, cfg.run.keep_checkpoints, layout)
     resume = store.newest_usable()
-    if resume is not None:
-        check_layout(resume, read_marker(resume).get("layout"), layout)
+    kind = check_layout(resume, read_marker(resume).get("layout"), layout) if resume is not None else None
     state, source = TrainState(), "fresh"
     if resume is None and cfg.run.init_from:
         state, source = initialise_from(Path(cfg.run.init_from), student, teacher, loss_fn, layout), "init_from"
-    engine, optimizer = build_student_engine(cfg, student, dist_info.world_size)
+    engine, optimizer = build_student_engine(cfg, student, dist_info.world_size, load_universal=kind == "universal")
     use_safe_checkpoint_engine(engine)
     teacher_ema = TeacherEMA(teacher, engine, cfg, dist_info.world_size)
     if source == "fresh" and resume is None:
@@ -80,7 +79,7 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
     torch.manual_seed(cfg.run.seed + 1000 * dist_info.rank)       # drop-path draws differ per rank
     if resume is not None:
         log.info("resuming from %s", resume)
-        state, source = load_checkpoint(resume, engine, teacher_ema, loss_fn), "resume"
+        state, source = load_checkpoint(resume, engine, teacher_ema, loss_fn, kind), "resume"
         state.batch_in_epoch = _batches_at(state.batch_in_epoch, read_marker(resume).get("layout"), layout, resume)
     return Start(engine, optimizer, teacher_ema, state, store, source)
 
@@ -88,41 +87,56 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
 ELASTIC_KEYS = {"world_size", "micro_batch", "accumulation"}      # may change at ZeRO-0 if the global batch stays
 
 
-def check_layout(path: Path, saved: Optional[dict], layout: dict) -> None:
-    """A checkpoint resumes under the layout that wrote it or, at ZeRO stage 0 (every rank holds the whole student
-    and optimizer), under another split of the same global batch: the sampler reads the same samples per optimizer
-    step whatever the split, and the centres move once per step. Anything else stops the run."""
+def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
+    """How a checkpoint resumes under `layout`: "same" layout; "split", another split of the same global batch at
+    ZeRO stage 0 (every rank holds the whole student and optimizer: DeepSpeed's files load as they are);
+    "universal", another split of the same global batch at the same ZeRO stage 1-3, through DeepSpeed's universal
+    checkpoint. The sampler reads the same samples per optimizer step whatever the split, and the centres move
+    once per step. Anything else (a ZeRO stage change included) stops the run."""
     if saved is None:                      # a checkpoint of an older version: nothing to compare
-        return
+        return "same"
     changed = {k for k, v in layout.items() if saved.get(k) != v}
     if not changed:
-        return
+        return "same"
+    kind = None
     if changed <= ELASTIC_KEYS and layout["zero_stage"] == 0:
-        log.warning("resuming %s, written by %d ranks x %d micro-batches of %d, with %d ranks x %d x %d (the same "
-                    "global batch of %d)", path, saved["world_size"], saved["accumulation"], saved["micro_batch"],
-                    layout["world_size"], layout["accumulation"], layout["micro_batch"], layout["global_batch"])
-        return
+        kind = "split"
+    elif changed <= ELASTIC_KEYS and layout["zero_stage"] >= 1:
+        kind = "universal"
+    if kind is not None:
+        log.warning("resuming %s, written by %d ranks x %d micro-batches of %d at ZeRO stage %d, with %d ranks x %d "
+                    "x %d at stage %d (the same global batch of %d)", path, saved["world_size"],
+                    saved["accumulation"], saved["micro_batch"], saved["zero_stage"], layout["world_size"],
+                    layout["accumulation"], layout["micro_batch"], layout["zero_stage"], layout["global_batch"])
+        return kind
     diffs = [f"{k} {saved.get(k)} -> {layout[k]}" for k in layout if k in changed]
     raise CheckpointError(
         f"cannot resume {path}: it was written by a run split differently ({', '.join(diffs)}). Continuing would "
         f"change the global batch, the learning rate or the data order, or fail inside DeepSpeed. A checkpoint "
-        f"resumes under another world size only at ZeRO stage 0 with the same global batch and precision. Run with "
+        f"resumes under another world size only at the same ZeRO stage with the same global batch and precision. "
+        f"Run with "
         f"{saved.get('world_size')} ranks, deepspeed.zero_stage={saved.get('zero_stage')}, deepspeed.precision="
         f"{saved.get('precision')} and global batch {saved.get('global_batch')}, or start a new run from its weights "
         f"with run.init_from={path} (the optimizer starts anew).")
 
 
-def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module) -> TrainState:
-    """Restore student, optimizer, teacher, centres and this rank's RNG; returns the position."""
+def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module, kind: str = "same") -> TrainState:
+    """Restore student, optimizer, teacher, centres and this rank's RNG; returns the position.
+    kind (check_layout): "universal" loads the student from a universal copy made next to the checkpoint."""
     import torch.distributed as dist
     rank = dist.get_rank() if dist.is_initialized() else 0
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    tag = universal_copy(path).name if kind == "universal" else path.name
+    flags = [{k: g[k] for k in ("apply_weight_decay", "is_last_layer")} for g in engine.optimizer.param_groups]
+    with safe_torch_load():            # DeepSpeed's universal loader calls torch.load itself
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=tag)
+    if kind == "universal":
+        _repair_universal_load(engine, flags)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
-    if (path / "teacher.pt").is_file():
-        teacher.load_full_state_dict(load_file(path / "teacher.pt"))
-    else:                                       # ZeRO-3 shards of the same layout (check_layout)
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path.parent / tag}")
+    if kind == "same" and not (path / "teacher.pt").is_file():       # ZeRO-3 shards of this very layout
         teacher.load_local_state(load_file(path / f"teacher_rank{rank}.pt"))
+    else:
+        teacher.load_full_state_dict(read_teacher_weights(path))
     rng_file = path / f"rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(load_file(rng_file))
@@ -131,6 +145,47 @@ def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module) -> TrainSta
     client = load_file(path / "client_state.pt")
     loss_fn.load_state_dict(client["loss"])
     return TrainState(**client["train_state"])
+
+
+def _repair_universal_load(engine, flags: list[dict]) -> None:
+    """Undo two things DeepSpeed's (0.19) universal loader gets wrong: it gives every parameter group the settings
+    of the first (our weight-decay and last-layer flags included), and at ZeRO-3 one `step` tensor is shared by the
+    AdamW state of every group, so that each group's step advances it (wrong bias corrections from then on)."""
+    for group, own in zip(engine.optimizer.param_groups, flags):
+        group.update(own)
+    base = getattr(engine.optimizer, "optimizer", None)
+    for state in (base.state.values() if base is not None else []):
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+UNIVERSAL_SUFFIX = "_universal"
+CONVERTED = "CONVERTED"
+
+
+def universal_copy(path: Path) -> Path:
+    """Collective: DeepSpeed's universal checkpoint of `path` (loadable at any world size and ZeRO stage 1-3),
+    converted once by rank 0 into `<tag>_universal` next to it; the original is never modified."""
+    import torch.distributed as dist
+    out = path.with_name(path.name + UNIVERSAL_SUFFIX)
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not (out / CONVERTED).is_file():
+        import shutil
+        from deepspeed.checkpoint import ds_to_universal
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint in %s", path, out)
+        import sys
+        argv, sys.argv = sys.argv, ["ds_to_universal", "--input_folder", str(path), "--output_folder", str(out),
+                                    "--inject_missing_state", "--num_extract_workers", "1",
+                                    "--num_merge_workers", "1"]
+        try:                               # its only interface is a command line
+            with safe_torch_load():
+                ds_to_universal.main(ds_to_universal.parse_arguments())
+        finally:
+            sys.argv = argv
+        (out / CONVERTED).write_text(path.name + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 # --------------------------------------------------------------------------- run.init_from

@@ -9,6 +9,7 @@ Layout of `<output_dir>/checkpoints/`:
     <tag>/client_state.pt        epoch, step, loader position, loss centres, config (rank 0)
     <tag>/COMPLETE               written last, after every rank finished: layout and manifest (manifest.py)
     <tag>/REJECTED               the next loss after this checkpoint was not finite: never resumed from
+    <tag>_universal/             DeepSpeed's universal copy of <tag>, made to resume it under another layout
     latest                       DeepSpeed's pointer (informational; resume uses COMPLETE markers)
 """
 from __future__ import annotations
@@ -82,7 +83,8 @@ class CheckpointStore:
         """(tag, marker; None if unfinished or rejected), oldest first, as this rank sees them."""
         if not self.root.is_dir():
             return []
-        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step"))
+        tags = sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and p.name.startswith("step") and not p.name.endswith("_universal"))
         return [(t, None if (self.root / t / REJECTED).is_file() else read_marker(self.root / t)) for t in tags]
 
     def _folders(self) -> list[tuple[str, Optional[dict]]]:
@@ -186,3 +188,4 @@ class CheckpointStore:
         for tag in good:
             if tag not in protected and _rank() == 0:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
+                shutil.rmtree(self.root / (tag + "_universal"), ignore_errors=True)   # restore.universal_copy
