@@ -179,6 +179,7 @@ class Trainer:
                 self.save_once()
                 self.knn_during_training()
         self.save_once()
+        self.checkpoints.finish()               # an asynchronous save completes before the run ends
         self.metrics.close()
         return self.finish(preempted)
 

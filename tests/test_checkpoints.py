@@ -98,7 +98,8 @@ def test_no_usable_checkpoint_stops_the_run_with_a_message(finished_run, image_f
 
 # ------------------------------------------------------------------ safe loading
 
-@pytest.mark.parametrize("name", ["client_state.pt", "rank0.pt", "mp_rank_00_model_states.pt", "teacher.pt"])
+@pytest.mark.parametrize("name", ["client_state.pt", "rank0.pt", "mp_rank_00_model_states.pt",
+                                  pytest.param("teacher.pt", marks=pytest.mark.slow)])
 def test_pickle_payload_in_a_checkpoint_is_refused_not_run(name, finished_run, image_folder, tmp_path):
     out = copy_run(finished_run, tmp_path / "run", upto=2)
     folder, proof = out / "checkpoints" / tag(2), tmp_path / "payload_ran"
@@ -161,8 +162,12 @@ def test_layout_check_names_a_zero_stage_change():
         check_layout(Path("x"), saved, {**saved, "zero_stage": 3})
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-@pytest.mark.parametrize("ranks", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+SLOW = pytest.mark.slow        # the default suite keeps one case of each path
+
+
+@pytest.mark.parametrize("stage, ranks", [
+    (0, (2, 1)), pytest.param(0, (1, 2), marks=SLOW), pytest.param(2, (2, 1), marks=SLOW),
+    pytest.param(2, (1, 2), marks=SLOW), (3, (2, 1)), (3, (1, 2))])
 def test_resume_on_another_world_size_gives_the_losses_of_the_same_global_batch(stage, ranks, image_folder, tmp_path):
     """Global batch 8 as 2 ranks x 1 micro-batch or 1 rank x 2 accumulated ones (drop-path off): the same samples
     per step and the centres moved once per step, so the resumed losses are those of the uninterrupted run. At
@@ -288,3 +293,46 @@ def test_save_onto_a_full_disk_names_the_file_and_enospc_and_the_previous_checkp
 def test_zero3_save_writes_teacher_shards_without_gathering(image_folder, tmp_path):
     proc = torchrun(["tests/scripts/check_teacher_shards.py", *tiny_overrides(image_folder, tmp_path)])
     assert proc.stdout.count("SHARDS OK") == 2
+
+
+# ------------------------------------------------------------------ asynchronous save
+
+def test_async_checkpoints_resume_to_the_losses_of_synchronous_ones(finished_run, image_folder, tmp_path):
+    out = tmp_path / "async"
+    torchrun(CONFIG + tiny_overrides(image_folder, out, **OPTS, **{"run.async_checkpoint": "true"}))
+    assert read_losses(out) == pytest.approx(read_losses(finished_run), rel=1e-6)     # training is not touched
+    for step in (2, 3):                       # the last one is completed before the run ends
+        assert (out / "checkpoints" / tag(step) / "COMPLETE").is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / tag(2), resumed / "checkpoints" / tag(2))
+    torchrun(CONFIG + tiny_overrides(image_folder, resumed, **OPTS, **{"run.async_checkpoint": "true"}))
+    assert read_losses(resumed)[3] == pytest.approx(read_losses(finished_run)[3], rel=1e-6, abs=1e-7)
+
+
+def test_kill_during_async_saves_leaves_a_usable_checkpoint(image_folder, tmp_path):
+    """SIGKILL at whatever moment after the first checkpoint completed: every checkpoint with a marker verifies,
+    and the run resumes from the newest and logs each step once."""
+    import signal
+    import time
+
+    from conftest import ROOT
+    from esvit_scale.checkpoint.manifest import find_problems, read_marker
+    out = tmp_path / "run"
+    args = [PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **{
+        "run.max_steps": 8, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 2,
+        "run.async_checkpoint": "true", "eval.knn_at_end": "false"})]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/*/COMPLETE")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    complete = sorted(p.parent for p in out.glob("checkpoints/*/COMPLETE"))
+    assert complete
+    for folder in complete:
+        assert find_problems(folder, read_marker(folder)) == [], folder
+    done = run_command(args)
+    assert f"resuming from {complete[-1]}" in done.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))

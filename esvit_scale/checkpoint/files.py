@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import pickle
 import random
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -29,12 +31,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (unsafe, damaged, or written by an incompatible run)."""
 
 
-def save_file(obj, path: Path) -> None:
-    """torch.save to `path` atomically (tmp + rename); OSError names the file and keeps its errno."""
+def save_file(obj, path: Path, writer: Optional["BackgroundWriter"] = None) -> None:
+    """torch.save to `path` atomically (tmp + rename); OSError names the file and keeps its errno. With a writer,
+    `obj` is serialized into memory now (a copy: training may change it from the next step on) and written later."""
+    if writer is not None:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        writer.add(buffer.getbuffer(), path)
+    else:
+        _write(lambda f: torch.save(obj, f), path)
+
+
+def _write(fill, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +56,37 @@ def save_file(obj, path: Path) -> None:
         if cause is None:
             raise OSError(errno.EIO, f"{e} (writing checkpoint file {path})") from e
         raise OSError(cause.errno, f"{cause.strerror} (writing checkpoint file {path})") from e
+
+
+class BackgroundWriter:
+    """Writes the serialized files of one checkpoint on a thread while training goes on; wait() returns the first
+    error (as save_file words it) or None. A process that dies first leaves the files without their marker."""
+
+    def __init__(self):
+        self.jobs: list = []
+        self.error: Optional[str] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, data, path: Path) -> None:
+        self.jobs.append((data, path))
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for data, path in self.jobs:
+            try:
+                _write(lambda f: f.write(data), path)
+            except OSError as e:
+                self.error = str(e)
+                return
+
+    def wait(self) -> Optional[str]:
+        if self.thread is not None:
+            self.thread.join()
+        self.jobs = []
+        return self.error
 
 
 def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
@@ -101,8 +144,10 @@ def use_safe_checkpoint_engine(engine) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
+        writer: Optional[BackgroundWriter] = None          # set by CheckpointStore for an asynchronous save
+
         def save(self, state_dict, path: str):
-            save_file(state_dict, Path(path))
+            save_file(state_dict, Path(path), self.writer)
 
         def load(self, path: str, map_location=None):
             return load_file(Path(path), map_location=map_location)

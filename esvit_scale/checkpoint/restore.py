@@ -52,7 +52,7 @@ class Start:
 
 
 def run_layout(cfg, world_size: int) -> dict:
-    """How a run splits its work: a checkpoint resumes only under the same split."""
+    """How a run splits its work, recorded in every checkpoint's marker (check_layout compares)."""
     from esvit_scale.engine.student import accumulation_steps
     accum = accumulation_steps(cfg, world_size)
     return {"world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage,
@@ -65,7 +65,7 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
     from esvit_scale.engine.teacher import TeacherEMA
 
     layout = run_layout(cfg, dist_info.world_size)
-    store = CheckpointStore(cfg.run.output_dir, cfg.run.keep_checkpoints, layout)
+    store = CheckpointStore(cfg.run.output_dir, cfg.run.keep_checkpoints, layout, cfg.run.async_checkpoint)
     resume = store.newest_usable()
     kind = check_layout(resume, read_marker(resume).get("layout"), layout) if resume is not None else None
     state, source = TrainState(), "fresh"
@@ -84,7 +84,7 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
     return Start(engine, optimizer, teacher_ema, state, store, source)
 
 
-ELASTIC_KEYS = {"world_size", "micro_batch", "accumulation"}      # may change at ZeRO-0 if the global batch stays
+ELASTIC_KEYS = {"world_size", "micro_batch", "accumulation"}      # may change if the global batch stays
 
 
 def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
@@ -98,12 +98,8 @@ def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
     changed = {k for k, v in layout.items() if saved.get(k) != v}
     if not changed:
         return "same"
-    kind = None
-    if changed <= ELASTIC_KEYS and layout["zero_stage"] == 0:
-        kind = "split"
-    elif changed <= ELASTIC_KEYS and layout["zero_stage"] >= 1:
-        kind = "universal"
-    if kind is not None:
+    if changed <= ELASTIC_KEYS:
+        kind = "split" if layout["zero_stage"] == 0 else "universal"
         log.warning("resuming %s, written by %d ranks x %d micro-batches of %d at ZeRO stage %d, with %d ranks x %d "
                     "x %d at stage %d (the same global batch of %d)", path, saved["world_size"],
                     saved["accumulation"], saved["micro_batch"], saved["zero_stage"], layout["world_size"],
@@ -114,10 +110,9 @@ def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
         f"cannot resume {path}: it was written by a run split differently ({', '.join(diffs)}). Continuing would "
         f"change the global batch, the learning rate or the data order, or fail inside DeepSpeed. A checkpoint "
         f"resumes under another world size only at the same ZeRO stage with the same global batch and precision. "
-        f"Run with "
-        f"{saved.get('world_size')} ranks, deepspeed.zero_stage={saved.get('zero_stage')}, deepspeed.precision="
-        f"{saved.get('precision')} and global batch {saved.get('global_batch')}, or start a new run from its weights "
-        f"with run.init_from={path} (the optimizer starts anew).")
+        f"Run with deepspeed.zero_stage={saved.get('zero_stage')}, deepspeed.precision={saved.get('precision')} and "
+        f"global batch {saved.get('global_batch')} (e.g. {saved.get('world_size')} ranks), or start a new run from "
+        f"its weights with run.init_from={path} (the optimizer starts anew).")
 
 
 def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module, kind: str = "same") -> TrainState:

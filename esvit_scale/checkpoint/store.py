@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from esvit_scale.checkpoint.files import CheckpointError, rng_state, save_file
+from esvit_scale.checkpoint.files import BackgroundWriter, CheckpointError, rng_state, save_file
 from esvit_scale.checkpoint.manifest import describe_files, find_problems, read_marker, write_marker
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,10 @@ def weights_finite(engine, teacher) -> bool:
 
 
 class CheckpointStore:
-    def __init__(self, output_dir: str | Path, keep: int, layout: dict):
+    def __init__(self, output_dir: str | Path, keep: int, layout: dict, asynchronous: bool = False):
         self.root = Path(output_dir) / "checkpoints"
-        self.keep, self.layout = keep, layout
+        self.keep, self.layout, self.asynchronous = keep, layout, asynchronous
+        self.pending: Optional[tuple] = None          # the asynchronous save in flight
         self.bad: set[str] = set()           # found damaged at the start of this run: never counted as kept
         self.resumed_from: Optional[Path] = None
 
@@ -137,7 +138,9 @@ class CheckpointStore:
     # ------------------------------------------------------------------ writing
 
     def save(self, step: int, engine, teacher, client_state: dict) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint folder."""
+        """Collective: every rank calls it. Returns the checkpoint folder. Asynchronous: the state is serialized
+        into memory here and written by a thread; the checkpoint is completed by the next save or finish()."""
+        self.finish()                                 # at most one save in flight
         path = self.root / tag_for(step)
         if not weights_finite(engine, teacher):
             raise FloatingPointError(f"the weights after step {step} are not finite: checkpoint {path} not written. "
@@ -146,26 +149,45 @@ class CheckpointStore:
         if rank == 0 and path.exists():              # a leftover of an interrupted or rejected save of this step
             shutil.rmtree(path)
         _barrier()
+        writer = BackgroundWriter() if self.asynchronous else None
+        engine.checkpoint_engine.writer = writer
         try:
             engine.save_checkpoint(str(self.root), tag=path.name)    # has collectives inside: a failure ends here
         except OSError as e:
             self._failed(path, [str(e)])
+        finally:
+            engine.checkpoint_engine.writer = None
         error = None
         try:
-            save_file(rng_state(), path / f"rank{rank}.pt")
+            save_file(rng_state(), path / f"rank{rank}.pt", writer)
             if teacher.partitioned:                  # each rank its own shard: no rank ever holds the whole teacher
-                save_file(teacher.local_state(), path / f"teacher_rank{rank}.pt")
+                save_file(teacher.local_state(), path / f"teacher_rank{rank}.pt", writer)
             elif rank == 0:
-                save_file(teacher.full_state_dict(), path / "teacher.pt")
+                save_file(teacher.full_state_dict(), path / "teacher.pt", writer)
             if rank == 0:
-                save_file(client_state, path / "client_state.pt")
+                save_file(client_state, path / "client_state.pt", writer)
         except OSError as e:
             error = str(e)
+        if writer is not None and error is None:
+            writer.start()
+            self.pending = (path, step, writer)
+            return path
+        self._complete(path, step, error)
+        return path
+
+    def finish(self) -> None:
+        """Collective: wait for the asynchronous save in flight (if any) on every rank and complete it."""
+        if self.pending is not None:
+            path, step, writer = self.pending
+            self.pending = None
+            self._complete(path, step, writer.wait())
+
+    def _complete(self, path: Path, step: int, error: Optional[str]) -> None:
         errors = [e for e in _gather(error) if e]           # every rank has finished writing: safe to clean up
         if errors:
             self._failed(path, errors)
         files = describe_files(path)
-        if rank == 0:
+        if _rank() == 0:
             try:
                 write_marker(path, step, self.layout, files)
             except OSError as e:
@@ -173,7 +195,6 @@ class CheckpointStore:
         _barrier()
         self._prune(newest=path.name)
         _barrier()
-        return path
 
     def _failed(self, path: Path, errors: list[str]):
         shutil.rmtree(path, ignore_errors=True)
