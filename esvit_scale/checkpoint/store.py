@@ -64,7 +64,10 @@ def weights_finite(engine, teacher) -> bool:
     """Collective: every rank's local student parameters (its shards at ZeRO-3) and teacher are finite."""
     from esvit_scale.engine.teacher import _local
     tensors = [_local(p) for p in engine.module.parameters()] + [_local(p) for p in teacher.teacher_params]
-    ok = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors if t.numel()))])
+    # one pass per tensor and no mask: a NaN or inf anywhere makes the sum non-finite (isfinite().all() took 4 s
+    # for a Swin-T pair on 2 cores, the sums a fraction of that)
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors if t.numel()]).cpu()
+    ok = torch.tensor([float(torch.isfinite(sums).all())])
     if dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
