@@ -150,42 +150,51 @@ def test_resume_at_another_world_size_stops_with_a_message(finished_run, image_f
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_layout_check_names_a_zero_stage_change():
+def test_layout_check_stops_what_cannot_be_honoured():
     from pathlib import Path
 
     from esvit_scale.checkpoint import CheckpointError
     from esvit_scale.checkpoint.restore import check_layout
     saved = {"world_size": 2, "zero_stage": 2, "micro_batch": 4, "accumulation": 1, "global_batch": 8,
              "precision": "fp32"}
-    check_layout(Path("x"), saved, dict(saved))
-    with pytest.raises(CheckpointError, match="zero_stage 2 -> 3"):
-        check_layout(Path("x"), saved, {**saved, "zero_stage": 3})
+    assert check_layout(Path("x"), saved, dict(saved)) == "same"
+    assert check_layout(Path("x"), saved, {**saved, "zero_stage": 3}) == "universal"
+    assert check_layout(Path("x"), saved, {**saved, "world_size": 1, "accumulation": 2}) == "universal"
+    with pytest.raises(CheckpointError, match="zero_stage 2 -> 0"):
+        check_layout(Path("x"), saved, {**saved, "zero_stage": 0})
+    with pytest.raises(CheckpointError, match="precision fp32 -> bf16"):
+        check_layout(Path("x"), saved, {**saved, "precision": "bf16"})
+    with pytest.raises(CheckpointError, match="global_batch 8 -> 16"):
+        check_layout(Path("x"), saved, {**saved, "micro_batch": 8, "global_batch": 16})
 
 
 SLOW = pytest.mark.slow        # the default suite keeps one case of each path
 
 
-@pytest.mark.parametrize("stage, ranks", [
-    (0, (2, 1)), pytest.param(0, (1, 2), marks=SLOW), pytest.param(2, (2, 1), marks=SLOW),
-    pytest.param(2, (1, 2), marks=SLOW), (3, (2, 1)), (3, (1, 2))])
-def test_resume_on_another_world_size_gives_the_losses_of_the_same_global_batch(stage, ranks, image_folder, tmp_path):
+@pytest.mark.parametrize("stages, ranks", [
+    ((0, 0), (2, 1)), pytest.param((0, 0), (1, 2), marks=SLOW), pytest.param((2, 2), (2, 1), marks=SLOW),
+    pytest.param((2, 2), (1, 2), marks=SLOW), ((3, 3), (2, 1)), ((3, 3), (1, 2)), ((2, 3), (2, 2)),
+    ((3, 2), (2, 1))], ids=["z0_2to1", "z0_1to2", "z2_2to1", "z2_1to2", "z3_2to1", "z3_1to2", "z2to3_2ranks",
+                            "z3to2_2to1"])
+def test_resume_on_another_world_size_or_stage_gives_the_losses_of_the_same_global_batch(stages, ranks, image_folder,
+                                                                                       tmp_path):
     """Global batch 8 as 2 ranks x 1 micro-batch or 1 rank x 2 accumulated ones (drop-path off): the same samples
     per step and the centres moved once per step, so the resumed losses are those of the uninterrupted run. At
-    ZeRO 1-3 through a universal copy made next to the checkpoint, which stays as it was."""
+    ZeRO 1-3 (and across them) through a universal copy made next to the checkpoint, which stays as it was."""
     from esvit_scale.checkpoint.manifest import find_problems, read_marker
     opts = {"deepspeed.global_batch_size": 8, "model.drop_path_rate": 0.0, "run.max_steps": 4,
-            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5, "deepspeed.zero_stage": stage}
+            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5}
 
-    def run(nproc, out):
-        args = CONFIG + tiny_overrides(image_folder, out, **opts)
+    def run(nproc, out, stage):
+        args = CONFIG + tiny_overrides(image_folder, out, **opts, **{"deepspeed.zero_stage": stage})
         return torchrun(args) if nproc == 2 else run_command([PYTHON, *args])
 
     before, after = ranks
-    run(before, tmp_path / "full")
+    run(before, tmp_path / "full", stages[0])
     uninterrupted = read_losses(tmp_path / "full")
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full" / "checkpoints" / tag(2), resumed / "checkpoints" / tag(2))
-    proc = run(after, resumed)
+    proc = run(after, resumed, stages[1])
     assert f"written by {before} ranks" in proc.stderr and "the same global batch of 8" in proc.stderr
     losses = read_losses(resumed)
     assert sorted(losses) == [3, 4]
@@ -193,7 +202,7 @@ def test_resume_on_another_world_size_gives_the_losses_of_the_same_global_batch(
         assert losses[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), (step, losses, uninterrupted)
     original = resumed / "checkpoints" / tag(2)
     assert find_problems(original, read_marker(original)) == []
-    assert (resumed / "checkpoints" / (tag(2) + "_universal")).is_dir() == (stage > 0)
+    assert (resumed / "checkpoints" / (tag(2) + "_universal")).is_dir() == (stages[1] > 0)
 
 
 def test_centres_move_once_per_optimizer_step_over_the_accumulated_batch():

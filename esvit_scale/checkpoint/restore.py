@@ -90,16 +90,17 @@ ELASTIC_KEYS = {"world_size", "micro_batch", "accumulation"}      # may change i
 def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
     """How a checkpoint resumes under `layout`: "same" layout; "split", another split of the same global batch at
     ZeRO stage 0 (every rank holds the whole student and optimizer: DeepSpeed's files load as they are);
-    "universal", another split of the same global batch at the same ZeRO stage 1-3, through DeepSpeed's universal
-    checkpoint. The sampler reads the same samples per optimizer step whatever the split, and the centres move
-    once per step. Anything else (a ZeRO stage change included) stops the run."""
+    "universal", another split of the same global batch and/or another ZeRO stage, both stages 1-3, through
+    DeepSpeed's universal checkpoint. The sampler reads the same samples per optimizer step whatever the split, and
+    the centres move once per step. Anything else (global batch, precision, stage 0 <-> 1-3) stops the run."""
     if saved is None:                      # a checkpoint of an older version: nothing to compare
         return "same"
     changed = {k for k, v in layout.items() if saved.get(k) != v}
     if not changed:
         return "same"
-    if changed <= ELASTIC_KEYS:
-        kind = "split" if layout["zero_stage"] == 0 else "universal"
+    stages = (saved["zero_stage"], layout["zero_stage"])
+    if changed <= ELASTIC_KEYS or (changed <= ELASTIC_KEYS | {"zero_stage"} and min(stages) >= 1):
+        kind = "split" if stages == (0, 0) else "universal"
         log.warning("resuming %s, written by %d ranks x %d micro-batches of %d at ZeRO stage %d, with %d ranks x %d "
                     "x %d at stage %d (the same global batch of %d)", path, saved["world_size"],
                     saved["accumulation"], saved["micro_batch"], saved["zero_stage"], layout["world_size"],
@@ -109,7 +110,8 @@ def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
     raise CheckpointError(
         f"cannot resume {path}: it was written by a run split differently ({', '.join(diffs)}). Continuing would "
         f"change the global batch, the learning rate or the data order, or fail inside DeepSpeed. A checkpoint "
-        f"resumes under another world size only at the same ZeRO stage with the same global batch and precision. "
+        f"resumes under another world size or ZeRO stage only with the same global batch and precision, and not "
+        f"between stage 0 and stages 1-3. "
         f"Run with deepspeed.zero_stage={saved.get('zero_stage')}, deepspeed.precision={saved.get('precision')} and "
         f"global batch {saved.get('global_batch')} (e.g. {saved.get('world_size')} ranks), or start a new run from "
         f"its weights with run.init_from={path} (the optimizer starts anew).")
@@ -120,7 +122,8 @@ def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module, kind: str =
     kind (check_layout): "universal" loads the student from a universal copy made next to the checkpoint."""
     import torch.distributed as dist
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tag = universal_copy(path).name if kind == "universal" else path.name
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
+    tag = universal_copy(path, shapes).name if kind == "universal" else path.name
     flags = [{k: g[k] for k in ("apply_weight_decay", "is_last_layer")} for g in engine.optimizer.param_groups]
     with safe_torch_load():            # DeepSpeed's universal loader calls torch.load itself
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=tag)
@@ -154,11 +157,47 @@ def _repair_universal_load(engine, flags: list[dict]) -> None:
             state["step"] = state["step"].clone()
 
 
+def _loadable_at_any_stage(out: Path, shapes: dict[str, tuple]) -> None:
+    """DeepSpeed 0.19 writes a universal checkpoint that loads only at stages of the family it came from (1-2 or 3):
+    complete our copy with what the other family's loader reads. The engine takes only metadata from the model-states
+    file, under its own stage's name; stages 1-2 want each parameter's `step` and full-shape tensors (stage 3 writes
+    them flat), the global `ds_version`; stage 3 wants the step in `optimizer_state_dict`."""
+    import shutil
+
+    import deepspeed
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    present = next(out / n for n in names if (out / n).is_file())
+    for name in names:
+        if not (out / name).is_file():
+            shutil.copyfile(present, out / name)
+    zero = out / "zero"
+    state = load_file(zero / "optimizer_state.pt")
+    steps = [load_file(zero / n / "step.pt") for n in shapes if (zero / n / "step.pt").is_file()]
+    step = steps[0] if steps else state["optimizer_state_dict"]["state"][0]["step"]
+    state.setdefault("ds_version", deepspeed.__version__)
+    state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": state["param_groups"]})
+    torch.save(state, zero / "optimizer_state.pt")
+    for name, shape in shapes.items():
+        folder = zero / name
+        if not folder.is_dir():                     # a frozen parameter: no optimizer state
+            continue
+        if not (folder / "step.pt").is_file():
+            torch.save(step, folder / "step.pt")
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            if not (folder / f"{key}.pt").is_file():
+                continue
+            saved = load_file(folder / f"{key}.pt")
+            tensor = saved["param"] if isinstance(saved, dict) else saved
+            if not isinstance(saved, dict) or tensor.shape != torch.Size(shape):
+                torch.save({**(saved if isinstance(saved, dict) else {}), "param": tensor.reshape(shape)},
+                           folder / f"{key}.pt")
+
+
 UNIVERSAL_SUFFIX = "_universal"
 CONVERTED = "CONVERTED"
 
 
-def universal_copy(path: Path) -> Path:
+def universal_copy(path: Path, shapes: dict[str, tuple]) -> Path:
     """Collective: DeepSpeed's universal checkpoint of `path` (loadable at any world size and ZeRO stage 1-3),
     converted once by rank 0 into `<tag>_universal` next to it; the original is never modified."""
     import torch.distributed as dist
@@ -177,6 +216,7 @@ def universal_copy(path: Path) -> Path:
                 ds_to_universal.main(ds_to_universal.parse_arguments())
         finally:
             sys.argv = argv
+        _loadable_at_any_stage(out, shapes)
         (out / CONVERTED).write_text(path.name + "\n")
     if dist.is_initialized():
         dist.barrier()
