@@ -107,6 +107,7 @@ class RunConfig:
     stop_epoch: int = 0                # >0: stop when this many epochs are done (schedules still span optim.epochs)
     checkpoint_every_steps: int = 0    # 0: at the end of every epoch only
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False     # write checkpoints on a thread while training goes on (one in flight at most)
     log_every_steps: int = 10
     # A checkpoint folder (<output_dir>/checkpoints/<tag>) to initialise from when output_dir has none:
     # weights, centres and position are taken, heads missing there (the region head of a view-only run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,15 +12,44 @@ from pathlib import Path
 log = logging.getLogger("esvit_scale")
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of steps after `step` (logged by a run that crashed before its next checkpoint, about to
+    be logged again) and any line cut short; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, log_every: int):
+    """`start_step`: the step training starts from; records of later steps are dropped from metrics.jsonl and
+    TensorBoard (purge_step), so that a resumed run holds one record per step."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, log_every: int,
+                 start_step: int = 0):
         self.enabled, self.log_every, self.total_steps = enabled, log_every, total_steps
         self.writer = self.jsonl = self.bar = None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
         out = Path(output_dir)
-        self.writer = SummaryWriter(str(out / "tensorboard"))
+        dropped = drop_records_after(out / "metrics.jsonl", start_step)
+        if dropped:
+            log.info("dropped %d records after step %d from metrics.jsonl (they are logged again)", dropped, start_step)
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
         if sys.stderr.isatty():
             from tqdm import tqdm

@@ -16,30 +16,20 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from esvit_scale import checkpoint as ckpt
-from esvit_scale.cluster.signals import EXIT_LOST_RANK, EXIT_PREEMPTED, StopRequest, record_exit_status
+from esvit_scale.checkpoint.restore import TrainState, start_run
 from esvit_scale.cluster.faults import pause_point, stall_if_injected
+from esvit_scale.cluster.signals import EXIT_LOST_RANK, EXIT_PREEMPTED, StopRequest, record_exit_status
 from esvit_scale.config import Config
 from esvit_scale.engine.distributed import DistInfo, init_distributed, resolve_device
 
 log = logging.getLogger("esvit_scale")
 
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0
-    batch_in_epoch: int = 0          # micro-batches of `epoch` consumed
-    step: int = 0                    # optimizer steps done
-    knn_top1_init: Optional[dict] = None
-    linear_top1_init: Optional[float] = None
 
 
 class Preempted(Exception):
@@ -85,8 +75,7 @@ class Trainer:
         from esvit_scale import ops
         from esvit_scale.data.build import build_loader
         from esvit_scale.data.folder import index_folder
-        from esvit_scale.engine.student import accumulation_steps, build_student_engine
-        from esvit_scale.engine.teacher import TeacherEMA
+        from esvit_scale.engine.student import accumulation_steps
         from esvit_scale.losses.esvit_loss import EsViTLoss
         from esvit_scale.models.esvit import EsViT
         from esvit_scale.schedules import build_schedules
@@ -119,24 +108,11 @@ class Trainer:
         pause_point("build")
         torch.manual_seed(cfg.run.seed)                       # identical initial weights on every rank
         student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
-        self.state = TrainState()
-        self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim)
-        resume = ckpt.latest_checkpoint(self.out)
-        if resume is None and cfg.run.init_from:
-            from esvit_scale.continuation import initialise_from
-            self.state = initialise_from(Path(cfg.run.init_from), student, teacher, self.loss_fn)
-        self.engine, self.optimizer = build_student_engine(cfg, student, self.dist.world_size)
-        self.teacher = TeacherEMA(teacher, self.engine, cfg, self.dist.world_size)
-        if resume is None and not cfg.run.init_from:
-            self.teacher.copy_from_student()
+        self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim, accumulation=self.accum)
+        start = start_run(cfg, self.dist, student, teacher, self.loss_fn)      # fresh, init_from or resume
+        self.engine, self.optimizer, self.teacher = start.engine, start.optimizer, start.teacher
+        self.state, self.checkpoints = start.state, start.checkpoints
         self.loss_fn.to(self.dist.device)
-        torch.manual_seed(cfg.run.seed + 1000 * self.dist.rank)      # drop-path draws differ per rank
-        if resume is not None:
-            log.info("resuming from %s", resume)
-            pause_point("resume")
-            client = ckpt.load_checkpoint(resume, self.engine, self.teacher)
-            self.state = TrainState(**client["train_state"])
-            self.loss_fn.load_state_dict(client["loss"])
 
         self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled() else
                             torch.float16 if self.engine.fp16_enabled() else torch.float32)
@@ -169,8 +145,7 @@ class Trainer:
                 "config": self.cfg.to_dict()}
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.out, self.state.step, self.engine, self.teacher, self.client_state(),
-                                    keep=self.cfg.run.keep_checkpoints)
+        path = self.checkpoints.save(self.state.step, self.engine, self.teacher, self.client_state())
         log.info("saved checkpoint %s", path)
         return path
 
@@ -221,13 +196,14 @@ class Trainer:
             state.linear_top1_init = self.linear()
         from esvit_scale.cluster.stragglers import StragglerMonitor
         from esvit_scale.metrics import MetricsLogger
-        self.metrics = MetricsLogger(self.out, self.dist.is_main, self.total_steps, cfg.run.log_every_steps)
+        self.metrics = MetricsLogger(self.out, self.dist.is_main, self.total_steps, cfg.run.log_every_steps,
+                                     start_step=state.step)
         self.stragglers = StragglerMonitor(cfg.run.straggler_every_steps, cfg.run.straggler_factor,
                                            self.dist.rank, self.dist.world_size, self.dist.device)
         from esvit_scale.losses.monitors import CollapseWatch
         self.collapse = CollapseWatch(cfg.model.out_dim, self.teacher.module.backbone.num_features)
         self.throughput: list[float] = []
-        self.saved_at = state.step if ckpt.latest_checkpoint(self.out) else -1
+        self.saved_at = state.step if self.checkpoints.resumed_from else -1
         log.info("training: %d steps per epoch, global batch %d (%d per rank x %d ranks x %d accumulation), "
                  "%d steps to go", self.steps_per_epoch, self.global_batch, cfg.data.batch_size_per_gpu,
                  self.dist.world_size, self.accum, self.total_steps - state.step)
@@ -245,6 +221,7 @@ class Trainer:
                 self.save_once()
             except Preempted:
                 preempted = True
+            self.checkpoints.finish()               # an asynchronous save completes before the run ends
             self.metrics.close()
             return self.finish(preempted)
 
@@ -267,7 +244,7 @@ class Trainer:
             log.error("rank %d: a collective failed (%s) and %s stopped responding. Exiting with %d; resubmit the "
                       "job to resume from the last complete checkpoint (%s).", self.dist.rank,
                       str(e).splitlines()[0][:300], ", ".join(lost), EXIT_LOST_RANK,
-                      ckpt.latest_checkpoint(self.out) or "none")
+                      self.checkpoints.last_good() or "none")
             record_exit_status(EXIT_LOST_RANK, "lost " + ", ".join(lost))
             logging.shutdown()
             os._exit(EXIT_LOST_RANK)       # the process group is broken: its destructors could hang
@@ -363,10 +340,12 @@ class Trainer:
         losses = {k: v for k, v in values.items() if k == "loss" or k.endswith("_loss")}
         if all(math.isfinite(v) for v in losses.values()):
             return
+        # this loss tests the weights of the previous step: a checkpoint of them must not be resumed from
+        last = self.checkpoints.reject(self.state.step - 1, f"the loss of step {self.state.step} is not finite")
         raise FloatingPointError(
             f"loss is not finite at epoch {epoch}, step {self.state.step} "
             f"({', '.join(f'{k} {v}' for k, v in losses.items())}); nothing was saved from this state. Last complete "
-            f"checkpoint: {ckpt.latest_checkpoint(self.out) or 'none'}. Lower optim.base_lr, or train in bf16/fp32.")
+            f"checkpoint: {last or 'none'}. Lower optim.base_lr, or train in bf16/fp32.")
 
     def log_step(self, epoch: int, values: dict[str, float]) -> None:
         i = self.state.step - 1

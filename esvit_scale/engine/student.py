@@ -53,11 +53,14 @@ def parameter_groups(model: nn.Module) -> list[dict]:
             for (decay, is_last), ps in sorted(groups.items())]
 
 
-def build_student_engine(cfg: Config, model: nn.Module, world_size: int):
+def build_student_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
+    """load_universal: the engine will load a universal checkpoint (one converted for another layout)."""
     import deepspeed
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=tuple(cfg.optim.betas))
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, world_size))
+    config = deepspeed_config(cfg, world_size)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer
 
 

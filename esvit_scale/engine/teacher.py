@@ -75,6 +75,22 @@ class TeacherEMA:
                 state[name] = p.data.detach().to("cpu", copy=True)
         return state
 
+    # ------------------------------------------------------------------ this rank's shards (ZeRO-3: nothing gathered)
+
+    def local_state(self) -> dict:
+        """This rank's piece of every parameter and the full shapes: at ZeRO-3 rank r holds elements
+        [r * n, (r + 1) * n) of each flattened parameter (n = ceil(numel / world size), the last piece padded)."""
+        params = self.teacher_params
+        return {"names": list(self.names), "shapes": [list(getattr(p, "ds_shape", p.shape)) for p in params],
+                "shards": [_local(p).detach().to("cpu", copy=True) for p in params]}
+
+    @torch.no_grad()
+    def load_local_state(self, state: dict) -> None:
+        if state["names"] != self.names:
+            raise KeyError("the teacher shard's parameters are not this model's")
+        for p, shard in zip(self.teacher_params, state["shards"]):
+            _local(p).copy_(shard)
+
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.names if n not in state]

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from esvit_scale import ops
-from esvit_scale.checkpoint import COMPLETE, read_client_state
+from esvit_scale.checkpoint import COMPLETE, CheckpointError, load_file
+from esvit_scale.checkpoint.restore import read_teacher_weights
 from esvit_scale.config import config_from_dict
 from esvit_scale.eval.knn import knn_eval
 from esvit_scale.eval.linear import block_features_fn, linear_eval
@@ -24,10 +25,10 @@ from esvit_scale.models.esvit import EsViT
 def load_teacher(checkpoint: Path) -> tuple[EsViT, object]:
     if not (checkpoint / COMPLETE).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint folder (no {COMPLETE} marker)")
-    cfg = config_from_dict(read_client_state(checkpoint)["config"])
+    cfg = config_from_dict(load_file(checkpoint / "client_state.pt")["config"])
     ops.configure(cfg.kernels)
     teacher = EsViT(cfg, is_teacher=True)
-    teacher.load_state_dict(torch.load(checkpoint / "teacher.pt", map_location="cpu", weights_only=True))
+    teacher.load_state_dict(read_teacher_weights(checkpoint))
     return teacher.eval(), cfg
 
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         teacher, cfg = load_teacher(args.checkpoint)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,10 +43,11 @@ class TeacherTargets:
 
 
 class EsViTLoss(nn.Module):
-    def __init__(self, cfg: LossConfig, out_dim: int):
+    def __init__(self, cfg: LossConfig, out_dim: int, accumulation: int = 1):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.accumulation = cfg, accumulation
         self.monitor = False
+        self._pending: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []     # batch means of this step
         self.register_buffer("view_center", torch.zeros(1, out_dim))
         self.register_buffer("region_center", torch.zeros(1, out_dim))
         self.terms = nn.ModuleList(TERMS[name](cfg) for name in term_names(cfg))
@@ -83,11 +84,19 @@ class EsViTLoss(nn.Module):
 
     @torch.no_grad()
     def update_centers(self, teacher: MultiCropOutput) -> None:
-        m = self.cfg.center_momentum
-        self.view_center.mul_(m).add_(_global_mean(torch.cat(teacher.view_logits)), alpha=1 - m)
+        """The centres move once per optimizer step, by the mean over its global batch (all ranks, all `accumulation`
+        micro-batches): the same trajectory whatever the split into ranks and micro-batches."""
+        region = None
         if self.cfg.region_loss:
-            tokens = torch.cat([z.flatten(0, 1) for z in teacher.region_logits])  # (2 B Lt, K)
-            self.region_center.mul_(m).add_(_global_mean(tokens), alpha=1 - m)
+            region = _global_mean(torch.cat([z.flatten(0, 1) for z in teacher.region_logits]))  # of (2 B Lt, K)
+        self._pending.append((_global_mean(torch.cat(teacher.view_logits)), region))
+        if len(self._pending) < self.accumulation:
+            return
+        m = self.cfg.center_momentum
+        self.view_center.mul_(m).add_(torch.stack([v for v, _ in self._pending]).mean(0), alpha=1 - m)
+        if region is not None:
+            self.region_center.mul_(m).add_(torch.stack([r for _, r in self._pending]).mean(0), alpha=1 - m)
+        self._pending = []
 
 
 def _global_mean(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from esvit_scale.config import load_config
-from esvit_scale.continuation import read_student_weights
+from esvit_scale.checkpoint.restore import read_student_weights
 from esvit_scale.trainer import Trainer
 
 source = Path(sys.argv[1])
