@@ -37,6 +37,7 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     norm_last_layer: bool = False
+    head_batchnorm: bool = False       # batch-normalised hidden layers in both heads (DINO's use_bn_in_head)
     activation_checkpointing: bool = False
 
 

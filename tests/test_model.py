@@ -46,3 +46,16 @@ def test_presets_match_the_paper_sizes():
         bb = SwinBackbone(cfg.model, 224)
         n = sum(p.numel() for p in bb.parameters()) / 1e6
         assert abs(n - millions) / millions < 0.02 and bb.num_features == dim, (arch, n)
+
+
+def test_head_batchnorm_normalises_over_the_batch_and_leaves_the_keys_alone_when_off():
+    from esvit_scale.models.heads import ProjectionHead
+    plain, bn = ProjectionHead(8, 16, 32, 4), ProjectionHead(8, 16, 32, 4, batchnorm=True)
+    assert [k for k in plain.state_dict()] == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
+                                               "mlp.4.weight", "mlp.4.bias", "last_layer.weight_v",
+                                               "last_layer.weight_g"]
+    x = torch.randn(6, 5, 8) + 10.0                       # a large part common to every token of the batch
+    hidden = bn.mlp[1](bn.mlp[0](x))                       # after the first batch-normalised layer
+    assert hidden.flatten(0, 1).mean(0).abs().max() < 1e-4 and bn.mlp[1].running_mean is None
+    bn.eval()                                              # the teacher: still the batch's own statistics
+    torch.testing.assert_close(bn.mlp[1](bn.mlp[0](x)), hidden)

@@ -32,7 +32,8 @@ class EsViT(nn.Module):
         self.backbone = SwinBackbone(m, img_size=cfg.data.global_crops_size,
                                      drop_path_rate=0.0 if is_teacher else None, kernels=cfg.kernels)
         head = dict(in_dim=self.backbone.num_features, out_dim=m.out_dim, hidden_dim=m.head_hidden_dim,
-                    bottleneck_dim=m.head_bottleneck_dim, norm_last_layer=m.norm_last_layer)
+                    bottleneck_dim=m.head_bottleneck_dim, norm_last_layer=m.norm_last_layer,
+                    batchnorm=m.head_batchnorm)
         self.view_head = ProjectionHead(**head)
         self.region_head = ProjectionHead(**head) if cfg.loss.region_loss else None
 

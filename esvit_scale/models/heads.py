@@ -24,16 +24,31 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, weight)
 
 
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over every leading position of (..., C), always with the statistics of the batch at hand (no
+    running statistics: the EMA teacher has no use for them and they would have to be averaged too)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 class ProjectionHead(nn.Module):
-    """(..., in_dim) -> (..., out_dim): MLP(in, hidden, hidden, bottleneck) -> L2-normalise -> WeightNormLinear."""
+    """(..., in_dim) -> (..., out_dim): MLP(in, hidden, hidden, bottleneck) -> L2-normalise -> WeightNormLinear.
+
+    With `batchnorm` (DINO's use_bn_in_head) each hidden layer is batch-normalised: the head then sees how the
+    images of a batch differ rather than what they share, which keeps it from mapping every image to one output
+    when the backbone's features share a large common part (small, uniform images; see docs/training.md)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = False):
+                 norm_last_layer: bool = False, batchnorm: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim))
+        def hidden(fan_in: int) -> list[nn.Module]:       # no module at all when off: the parameter names stay
+            norm = [TokenBatchNorm(hidden_dim)] if batchnorm else []
+            return [nn.Linear(fan_in, hidden_dim), *norm, nn.GELU()]
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
