@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     stop = STOP or StopRequest().install()
     summary = train(cfg, stop)
     stop.finished()             # saved: a second signal must not kill the process while it shuts down
+    import torch.distributed as dist
+    if dist.is_initialized():   # in order, rather than by destructors while the interpreter shuts down
+        dist.destroy_process_group()
     if summary["preempted"]:
         record_exit_status(EXIT_PREEMPTED, f"saved at step {summary['steps']}")
         return EXIT_PREEMPTED
