@@ -11,6 +11,14 @@ from pathlib import Path
 log = logging.getLogger("esvit_scale")
 
 
+def phase_split(scalars: dict[str, float]) -> str:
+    """'1.23 s: data_wait 2%, teacher_forward 10%, ...' from a step's step_s and phase_s/<phase> scalars."""
+    total = scalars["step_s"]
+    parts = [f"{k[len('phase_s/'):]} {100 * v / max(total, 1e-12):.0f}%" for k, v in scalars.items()
+             if k.startswith("phase_s/")]
+    return f"{total:.3f} s: " + ", ".join(parts)
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, log_every: int):
         self.enabled, self.log_every, self.total_steps = enabled, log_every, total_steps
@@ -40,6 +48,8 @@ class MetricsLogger:
             log.info("step %d/%d  epoch %d  loss %.4f (view %.4f, region %.4f)  lr %.2e  %.1f images/s",
                      step, self.total_steps, scalars["epoch"], scalars["loss"], scalars["view_loss"],
                      scalars["region_loss"], scalars["lr"], scalars.get("images_per_s", 0.0))
+            if "step_s" in scalars:
+                log.info("step %d phases: %s", step, phase_split(scalars))
 
     def scalar(self, key: str, value: float, step: int) -> None:
         if self.enabled:

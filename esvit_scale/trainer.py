@@ -127,8 +127,10 @@ class Trainer:
             self.state = TrainState(**client["train_state"])
             self.loss_fn.load_state_dict(client["loss"])
 
-        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled() else
-                            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        from esvit_scale.step import TrainStep, engine_dtype
+        self.input_dtype = engine_dtype(self.engine)
+        self.train_step = TrainStep(self.engine, self.optimizer, self.teacher, self.loss_fn, self.sched,
+                                    self.dist.device, self.input_dtype)
         self.total_steps = (cfg.run.stop_epoch or cfg.optim.epochs) * self.steps_per_epoch
         if cfg.run.max_steps:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
@@ -136,21 +138,16 @@ class Trainer:
     # ------------------------------------------------------------------ pieces of a step
 
     def teacher_autocast(self):
-        on_gpu = self.dist.device.type == "cuda" and self.input_dtype != torch.float32
-        return torch.autocast("cuda", dtype=self.input_dtype, enabled=on_gpu)
-
-    def forward_loss(self, crops: list[torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
-        crops = [c.to(self.dist.device, non_blocking=True) for c in crops]
-        with self.teacher_autocast():
-            teacher_out = self.teacher(crops[:2])
-        student_out = self.engine([c.to(self.input_dtype) for c in crops])
-        return self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[epoch]))
+        from esvit_scale.step import teacher_autocast
+        return teacher_autocast(self.dist.device, self.input_dtype)
 
     def set_hyperparameters(self, epoch: int) -> None:
-        from esvit_scale.engine.student import set_optimizer_hyperparameters
-        it = self.state.step
-        set_optimizer_hyperparameters(self.optimizer, float(self.sched.lr[it]), float(self.sched.weight_decay[it]),
-                                      freeze_last_layer=epoch < self.cfg.optim.freeze_last_layer)
+        self.train_step.set_hyperparameters(self.state.step,
+                                            freeze_last_layer=epoch < self.cfg.optim.freeze_last_layer)
+
+    def timed(self) -> bool:
+        """Phases are timed (device-synchronised) only in the optimizer steps whose metrics are logged."""
+        return (self.state.step + 1) % self.cfg.run.log_every_steps == 0
 
     def client_state(self) -> dict:
         return {"train_state": dataclasses.asdict(self.state), "loss": self.loss_fn.state_dict(),
@@ -189,6 +186,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, self.dist.is_main, self.total_steps, cfg.run.log_every_steps)
         self.stop = StopFlag()
         self.throughput: list[float] = []
+        self.phase_seconds: dict[str, float] = {}
         self.saved_at = state.step if ckpt.latest_checkpoint(self.out) else -1
         log.info("training: %d steps per epoch, global batch %d (%d per rank x %d ranks x %d accumulation), "
                  "%d steps to go", self.steps_per_epoch, self.global_batch, cfg.data.batch_size_per_gpu,
@@ -208,19 +206,18 @@ class Trainer:
         """Steps through `epoch` from the saved position; True if stopped by a signal."""
         state, batches_per_epoch = self.state, self.steps_per_epoch * self.accum
         sums, images, start = torch.zeros(3), 0, time.time()
-        for crops in self.loader.epoch(epoch, state.batch_in_epoch):
+        for crops in self.train_step.batches(self.loader.epoch(epoch, state.batch_in_epoch)):
             if state.batch_in_epoch % self.accum == 0:
                 self.set_hyperparameters(epoch)
-            losses = self.forward_loss(crops, epoch)
-            self.engine.backward(losses["loss"])
-            self.engine.step()
+            boundary = (state.batch_in_epoch + 1) % self.accum == 0
+            losses, phases = self.train_step.run(crops, epoch, state.step, boundary, timing=self.timed())
+            self.phase_seconds = _add(self.phase_seconds, phases)
             state.batch_in_epoch += 1
             images += crops[0].shape[0] * self.dist.world_size
             sums += torch.stack([losses[k].detach().float().cpu() for k in ("loss", "view_loss", "region_loss")])
             if state.batch_in_epoch % self.accum:
                 continue
-            # ---- optimizer step boundary
-            self.teacher.update(float(self.sched.momentum[state.step]))
+            # ---- optimizer step boundary (the EMA update ran in the step)
             state.step += 1
             reduced = _mean_over_ranks(torch.cat([sums / self.accum, torch.tensor([float(self.stop.signum != 0)])]))
             self.check_finite(reduced[:3], epoch)
@@ -261,8 +258,15 @@ class Trainer:
             "loss": losses[0], "view_loss": losses[1], "region_loss": losses[2], "epoch": epoch,
             "lr": float(self.sched.lr[i]), "weight_decay": float(self.sched.weight_decay[i]),
             "momentum": float(self.sched.momentum[i]), "teacher_temp": float(self.sched.teacher_temp[epoch]),
-            "images_per_s": self.throughput[-1]})
+            "images_per_s": self.throughput[-1], **self.performance_scalars()})
         self.last_loss = losses[0]
+
+    def performance_scalars(self) -> dict[str, float]:
+        """The phase split of the last optimizer step when it was timed (seconds summed over its micro-batches)."""
+        phases, self.phase_seconds = self.phase_seconds, {}
+        if not phases:
+            return {}
+        return {"step_s": sum(phases.values()), **{f"phase_s/{p}": t for p, t in phases.items()}}
 
     def save_once(self) -> None:
         if self.saved_at != self.state.step:
@@ -284,6 +288,11 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("summary: %s", json.dumps(summary))
         return summary
+
+
+def _add(total: dict[str, float], phases: Optional[dict[str, float]]) -> dict[str, float]:
+    """Phase seconds summed over the micro-batches of an optimizer step."""
+    return total if phases is None else {p: total.get(p, 0.0) + t for p, t in phases.items()}
 
 
 def _steady_mean(values: list[float]) -> Optional[float]:
