@@ -29,9 +29,13 @@ class MetricsLogger:
         out = Path(output_dir)
         self.writer = SummaryWriter(str(out / "tensorboard"))
         self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        self._redirect = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()       # log lines above the bar, not glued to its end
+            self._redirect.__enter__()
         self._last_time = time.time()
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
@@ -42,12 +46,14 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars.get('images_per_s', 0):.1f}")
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars.get('images_per_s', 0):.1f}",
+                                 mfu=f"{100 * scalars.get('mfu', 0):.1f}%")
             self.bar.refresh()
         elif step % self.log_every == 0 or step == self.total_steps:
-            log.info("step %d/%d  epoch %d  loss %.4f (view %.4f, region %.4f)  lr %.2e  %.1f images/s",
+            log.info("step %d/%d  epoch %d  loss %.4f (view %.4f, region %.4f)  lr %.2e  %.1f images/s  MFU %.1f%%",
                      step, self.total_steps, scalars["epoch"], scalars["loss"], scalars["view_loss"],
-                     scalars["region_loss"], scalars["lr"], scalars.get("images_per_s", 0.0))
+                     scalars["region_loss"], scalars["lr"], scalars.get("images_per_s", 0.0),
+                     100 * scalars.get("mfu", 0.0))
             if "step_s" in scalars:
                 log.info("step %d phases: %s", step, phase_split(scalars))
 
@@ -60,6 +66,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
         self.writer.close()
         self.jsonl.close()

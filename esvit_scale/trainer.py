@@ -131,6 +131,7 @@ class Trainer:
         self.input_dtype = engine_dtype(self.engine)
         self.train_step = TrainStep(self.engine, self.optimizer, self.teacher, self.loss_fn, self.sched,
                                     self.dist.device, self.input_dtype)
+        self.flops_per_image, self.peak = _model_flops_and_peak(cfg, self.dist.device)
         self.total_steps = (cfg.run.stop_epoch or cfg.optim.epochs) * self.steps_per_epoch
         if cfg.run.max_steps:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
@@ -262,11 +263,14 @@ class Trainer:
         self.last_loss = losses[0]
 
     def performance_scalars(self) -> dict[str, float]:
-        """The phase split of the last optimizer step when it was timed (seconds summed over its micro-batches)."""
+        """Achieved model TFLOP/s per device and MFU of the last optimizer step; its phase split when it was timed
+        (seconds summed over its micro-batches)."""
+        flops_per_s = self.throughput[-1] / self.dist.world_size * self.flops_per_image
+        out = {"tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / self.peak["peak_flops"]}
         phases, self.phase_seconds = self.phase_seconds, {}
-        if not phases:
-            return {}
-        return {"step_s": sum(phases.values()), **{f"phase_s/{p}": t for p, t in phases.items()}}
+        if phases:
+            out.update(step_s=sum(phases.values()), **{f"phase_s/{p}": t for p, t in phases.items()})
+        return out
 
     def save_once(self) -> None:
         if self.saved_at != self.state.step:
@@ -277,7 +281,11 @@ class Trainer:
         state, cfg = self.state, self.cfg
         summary = {"steps": state.step, "epochs_completed": state.epoch, "preempted": preempted,
                    "images_per_s": _steady_mean(self.throughput), "global_batch": self.global_batch,
-                   "world_size": self.dist.world_size, "loss_final": getattr(self, "last_loss", None)}
+                   "world_size": self.dist.world_size, "loss_final": getattr(self, "last_loss", None),
+                   "flops_per_image": self.flops_per_image, "peak_flops_per_device": self.peak["peak_flops"]}
+        if summary["images_per_s"]:
+            summary["mfu"] = summary["images_per_s"] / self.dist.world_size * self.flops_per_image / \
+                self.peak["peak_flops"]
         if cfg.eval.knn_at_end and not preempted:
             result = self.knn()
             if result is not None:
@@ -288,6 +296,17 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("summary: %s", json.dumps(summary))
         return summary
+
+
+def _model_flops_and_peak(cfg: Config, device: torch.device) -> tuple[float, dict]:
+    """Model FLOPs per image of a step (counted on the meta device) and the device's peak FLOP/s, for the MFU."""
+    from esvit_scale.bench.flops import CONVENTION, step_flops
+    from esvit_scale.bench.peak import device_peak
+    per_image = step_flops(cfg).per_image
+    peak = device_peak(device, cfg.deepspeed.precision)
+    log.info("model FLOPs per image of a step: %.2f G (%s); peak per device %.2f TFLOP/s (%s): MFU is against it",
+             per_image / 1e9, CONVENTION, peak["peak_flops"] / 1e12, peak["source"])
+    return per_image, peak
 
 
 def _add(total: dict[str, float], phases: Optional[dict[str, float]]) -> dict[str, float]:
