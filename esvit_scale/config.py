@@ -29,6 +29,9 @@ ARCHS = {
     "swin_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
     "swin_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.2),
     "swin_large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
+    # SwinV2-H's and SwinV2-G's widths and depths on the (V1) blocks above: ~0.65 B and ~3.0 B backbone parameters
+    "swin_huge": dict(embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88], drop_path_rate=0.2),
+    "swin_giant": dict(embed_dim=512, depths=[2, 2, 42, 4], num_heads=[16, 32, 64, 128], drop_path_rate=0.3),
 }
 
 
@@ -46,7 +49,8 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     norm_last_layer: bool = False
-    activation_checkpointing: bool = False
+    # recompute each block's activations in backward: true/false for every stage, or one bool per stage
+    activation_checkpointing: typing.Union[bool, list[bool]] = False
 
 
 @dataclass
@@ -228,11 +232,16 @@ def _build(cls, raw: dict, prefix: str):
 
 def _coerce(value: Any, typ, key: str):
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:                       # Optional[X]
-        if value is None:
+    if origin is typing.Union:                       # Optional[X], or X | Y: the first that accepts the value
+        if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        return _coerce(value, options[-1], key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -331,6 +340,9 @@ def _validate_architecture(cfg: Config, need) -> None:
          f"must have one entry per stage of model.depths ({len(arch['depths'])}), got {arch['num_heads']}")
     need(arch["embed_dim"] >= 1, "model.embed_dim", f"must be >= 1, got {arch['embed_dim']}")
     need(0 <= arch["drop_path_rate"] < 1, "model.drop_path_rate", f"must be in [0, 1), got {arch['drop_path_rate']}")
+    ckpt = m.activation_checkpointing
+    need(isinstance(ckpt, bool) or len(ckpt) == len(arch["depths"]), "model.activation_checkpointing",
+         f"must be true, false or one bool per stage ({len(arch['depths'])}), got {ckpt}")
     for i, heads in enumerate(arch["num_heads"]):
         width = arch["embed_dim"] * 2 ** i          # each stage doubles the channels
         need(width % heads == 0, "model.num_heads",

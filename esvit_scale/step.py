@@ -109,7 +109,7 @@ def build_train_step(cfg, world_size: int, device: torch.device, steps_per_epoch
     """A fresh step of `cfg` (what the benchmarks time): the student engine and its EMA teacher from one seed,
     the loss, and the schedules for the global batch of world_size ranks. Needs the process group (see
     esvit_scale.engine.distributed.init_distributed). The trainer builds the same parts around its resume logic."""
-    from esvit_scale.engine.student import accumulation_steps, build_student_engine
+    from esvit_scale.engine.student import accumulation_steps, build_student_engine, model_init_context
     from esvit_scale.engine.teacher import TeacherEMA
     from esvit_scale.losses.esvit_loss import EsViTLoss
     from esvit_scale.models.esvit import EsViT
@@ -117,7 +117,10 @@ def build_train_step(cfg, world_size: int, device: torch.device, steps_per_epoch
 
     global_batch = cfg.data.batch_size_per_gpu * world_size * accumulation_steps(cfg, world_size)
     torch.manual_seed(cfg.run.seed)
-    student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
+    with model_init_context(cfg, world_size):
+        student = EsViT(cfg)
+    with model_init_context(cfg, world_size, teacher=True):
+        teacher = EsViT(cfg, is_teacher=True)
     engine, optimizer = build_student_engine(cfg, student, world_size)
     ema = TeacherEMA(teacher, engine, cfg, world_size)
     ema.copy_from_student()

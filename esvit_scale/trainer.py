@@ -8,6 +8,7 @@ newest complete one in its output folder. SIGTERM/SIGUSR1 make it save at the ne
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -80,7 +81,7 @@ class Trainer:
         from esvit_scale import ops
         from esvit_scale.data.build import build_loader
         from esvit_scale.data.folder import index_folder
-        from esvit_scale.engine.student import accumulation_steps, build_student_engine
+        from esvit_scale.engine.student import accumulation_steps, build_student_engine, model_init_context
         from esvit_scale.engine.teacher import TeacherEMA
         from esvit_scale.losses.esvit_loss import EsViTLoss
         from esvit_scale.models.esvit import EsViT
@@ -108,10 +109,15 @@ class Trainer:
         self.sched = build_schedules(cfg, self.global_batch, self.steps_per_epoch)
 
         torch.manual_seed(cfg.run.seed)                       # identical initial weights on every rank
-        student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
         self.state = TrainState()
         self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim)
         resume = ckpt.latest_checkpoint(self.out)
+        # init_from loads whole tensors into the modules: build them whole then, else partitioned at ZeRO-3
+        whole = resume is None and bool(cfg.run.init_from)
+        with contextlib.nullcontext() if whole else model_init_context(cfg, self.dist.world_size):
+            student = EsViT(cfg)
+        with contextlib.nullcontext() if whole else model_init_context(cfg, self.dist.world_size, teacher=True):
+            teacher = EsViT(cfg, is_teacher=True)
         if resume is None and cfg.run.init_from:
             from esvit_scale.continuation import initialise_from
             self.state = initialise_from(Path(cfg.run.init_from), student, teacher, self.loss_fn)

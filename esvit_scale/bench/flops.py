@@ -98,7 +98,13 @@ def _model_flops_config(cfg: Config) -> Config:
 
 
 def step_flops(cfg: Config, batch: int | None = None) -> StepFlops:
-    """Count one step of `batch` images (default: data.batch_size_per_gpu) on the meta device."""
+    """Count one step of `batch` images (default: data.batch_size_per_gpu) on the meta device. The global random
+    generators are left as they were (a resumed run must draw what the uninterrupted one drew)."""
+    with torch.random.fork_rng(devices=[]):
+        return _step_flops(cfg, batch)
+
+
+def _step_flops(cfg: Config, batch: int | None) -> StepFlops:
     from esvit_scale.losses.esvit_loss import EsViTLoss
     from esvit_scale.models.esvit import EsViT
 

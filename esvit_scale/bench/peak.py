@@ -41,8 +41,9 @@ def gpu_peak_flops(name: str, precision: str) -> Optional[float]:
 def measured_matmul_flops(device: torch.device, precision: str, size: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a size^3 matmul in `precision` on `device` now (the best of `repeats` after a warm-up)."""
     dtype = _TORCH_DTYPE[precision]
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    gen = torch.Generator().manual_seed(0)          # not the global generator: a run's random draws stay its own
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.mm(a, b)
     best = float("inf")

@@ -1,6 +1,8 @@
 """The student under DeepSpeed: the one place where our config becomes a DeepSpeed config."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -37,6 +39,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def model_init_context(cfg: Config, world_size: int, teacher: bool = False):
+    """Where the student (or teacher) is constructed. At ZeRO-3: deepspeed.zero.Init, which partitions each
+    parameter as soon as its module is built (every rank draws the same full values from the same seed and keeps
+    its shard), so no rank ever holds a whole model: a 3 B-parameter student and teacher would need 24 GB per rank
+    first. The teacher's parameters stay fp32 (see engine/teacher.py). Elsewhere: nothing."""
+    if cfg.deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    config = deepspeed_config(cfg, world_size)
+    if teacher:
+        config.update(bf16={"enabled": False}, fp16={"enabled": False})
+    return deepspeed.zero.Init(config_dict_or_path=config)
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:

@@ -28,8 +28,11 @@ class SwinBackbone(nn.Module):
         # entry points (trainer, eval, benchmarks) from the run config.
         kernels = kernels if kernels is not None else KernelConfig()
         install_window_attention(self.swin, fused=kernels.window_attention and not kernels.force_reference)
-        if cfg.activation_checkpointing:
-            self.swin.set_grad_checkpointing(True)
+        per_stage = cfg.activation_checkpointing
+        if isinstance(per_stage, bool):
+            per_stage = [per_stage] * len(self.swin.layers)
+        for stage, on in zip(self.swin.layers, per_stage):     # timm's set_grad_checkpointing, stage by stage
+            stage.grad_checkpointing = on
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.swin.forward_features(x)          # (B, H, W, C) after the final LayerNorm
