@@ -108,6 +108,10 @@ class DeepSpeedConfig:
     # If set, the global batch the hyper-parameters were tuned for; grad_accum_steps is then derived
     # as global_batch_size / (batch_size_per_gpu * world_size), which must divide exactly.
     global_batch_size: Optional[int] = None
+    # Elements per communication bucket (gradient reduction; ZeRO-3 prefetch) and, at ZeRO-3, the most parameter
+    # elements gathered at once. None: DeepSpeed's defaults (5e8 reduce, 5e7 prefetch, 1e9 live), sized for GPUs;
+    # each costs its size in memory, which matters for big models on small hosts (the CPU tests use 5e7).
+    bucket_elements: Optional[int] = None
 
 
 @dataclass
@@ -316,6 +320,8 @@ def validate(cfg: Config) -> None:
          f"must be two numbers in [0, 1), got {o.betas}")
     need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size",
          f"must be >= 1, got {ds.global_batch_size}")
+    need(ds.bucket_elements is None or ds.bucket_elements >= 1, "deepspeed.bucket_elements",
+         f"must be >= 1, got {ds.bucket_elements}")
     need(0 <= r.stop_epoch <= o.epochs, "run.stop_epoch",
          f"must be in [0, optim.epochs={o.epochs}], got {r.stop_epoch}")
     need(bool(e.knn_k) and all(k >= 1 for k in e.knn_k), "eval.knn_k", f"must be a list of k >= 1, got {e.knn_k}")

@@ -11,7 +11,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
-    assert cfg.model.arch in ("swin_nano", "swin_tiny", "swin_small", "swin_base", "swin_large")
+    assert cfg.model.arch in ("swin_nano", "swin_tiny", "swin_small", "swin_base", "swin_large", "swin_huge",
+                              "swin_giant")
 
 
 def test_overrides_apply_with_yaml_values():
@@ -65,6 +66,9 @@ def test_deepspeed_dict_comes_from_the_yaml():
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["train_batch_size"] == 32 * 4 * 4 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 3.0
+    assert "reduce_bucket_size" not in ds["zero_optimization"]           # DeepSpeed's defaults unless set
+    small = deepspeed_config(load_config(None, ["deepspeed.zero_stage=3", "deepspeed.bucket_elements=1000"]), 2)
+    assert small["zero_optimization"]["reduce_bucket_size"] == small["zero_optimization"]["stage3_max_live_parameters"]
 
 
 def test_global_batch_derives_accumulation():

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
 
 from esvit_scale.config import Config
 from esvit_scale.models.esvit import last_layer_parameter_names
+
+log = logging.getLogger("esvit_scale")
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
@@ -28,6 +31,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if cfg.deepspeed.zero_stage == 3:
         # keep partitioned parameters partitioned between forward passes (several per step: one per crop size)
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
+    if cfg.deepspeed.bucket_elements is not None:
+        n = cfg.deepspeed.bucket_elements
+        zero.update(reduce_bucket_size=n, allgather_bucket_size=n)
+        if cfg.deepspeed.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=n, stage3_max_live_parameters=n)
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -69,9 +77,27 @@ def parameter_groups(model: nn.Module) -> list[dict]:
             for (decay, is_last), ps in sorted(groups.items())]
 
 
+def build_optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over parameter_groups: NVIDIA apex's FusedAdam on a GPU where apex is importable, else torch's AdamW
+    with fused=True (one kernel per step on CPU and GPU, and no partition-sized temporaries, which the default
+    foreach path allocates several of: at ZeRO-3 a rank's whole partition is one flat tensor). Logs which."""
+    groups, betas = parameter_groups(model), tuple(cfg.optim.betas)
+    if device_type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+            log.info("optimizer: apex FusedAdam (AdamW mode)")
+            return FusedAdam(groups, lr=0.0, betas=betas, adam_w_mode=True)
+        except ImportError:
+            pass
+    log.info("optimizer: torch AdamW, fused=True (apex %s)",
+             "not importable" if device_type == "cuda" else "is for GPUs only")
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=True)
+
+
 def build_student_engine(cfg: Config, model: nn.Module, world_size: int):
     import deepspeed
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=tuple(cfg.optim.betas))
+    device_type = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    optimizer = build_optimizer(model, cfg, device_type)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, world_size))
     return engine, optimizer
