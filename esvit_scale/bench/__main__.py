@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step} --json PATH`.
+"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan} --json PATH`.
 
 Each subcommand lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "loader": "esvit_scale.bench.loader",     # DALI vs torch/PIL multi-crop loader
     "train": "esvit_scale.bench.train",       # training steps, kernels on vs off
     "step": "esvit_scale.bench.step",         # the real step: images/s, MFU, memory, phase split
+    "plan": "esvit_scale.bench.plan",         # memory per device by ZeRO stage; what fits
 }
 
 
