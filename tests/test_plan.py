@@ -38,8 +38,8 @@ def test_activations_grow_with_the_batch_and_shrink_with_checkpointing():
 
 def test_plan_cli_writes_every_setting(tmp_path):
     out = tmp_path / "plan.json"
-    proc = run_command([PYTHON, "-m", "esvit_scale.bench", "plan", "--config", "configs/swin_large.yaml", "--gpus", "64",
-                        "--gpu-mem", "80", "--json", str(out)])
+    proc = run_command([PYTHON, "-m", "esvit_scale.bench", "plan", "--config", "configs/swin_large.yaml",
+                        "--gpus", "64", "--gpu-mem", "80", "--json", str(out)])
     result = json.loads(out.read_text())
     assert len(result["settings"]) == 8 and result["gpus"] == 64 and "max micro-batch" in proc.stdout
     assert 240e6 < result["parameters"] < 250e6          # Swin-L backbone + both heads
