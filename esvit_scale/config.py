@@ -22,11 +22,23 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+# Named Swin presets; `model.embed_dim/depths/num_heads/drop_path_rate` override them when set.
+ARCHS = {
+    "swin_nano": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0),
+    "swin_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.1),
+    "swin_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
+    "swin_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.2),
+    "swin_large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
+    # SwinV2-H's and SwinV2-G's widths and depths on the (V1) blocks above: ~0.65 B and ~3.0 B backbone parameters
+    "swin_huge": dict(embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88], drop_path_rate=0.2),
+    "swin_giant": dict(embed_dim=512, depths=[2, 2, 42, 4], num_heads=[16, 32, 64, 128], drop_path_rate=0.3),
+}
+
+
 @dataclass
 class ModelConfig:
-    arch: str = field(default="swin_tiny", metadata=_choices(
-        "swin_nano", "swin_tiny", "swin_small", "swin_base", "swin_large"))
-    # None: take the value of the `arch` preset (see esvit_scale.models.swin.ARCHS).
+    arch: str = field(default="swin_tiny", metadata=_choices(*ARCHS))
+    # None: take the value of the `arch` preset (ARCHS).
     embed_dim: Optional[int] = None
     depths: Optional[list[int]] = None
     num_heads: Optional[list[int]] = None
@@ -38,7 +50,8 @@ class ModelConfig:
     head_bottleneck_dim: int = 256
     norm_last_layer: bool = False
     head_batchnorm: bool = False       # batch-normalised hidden layers in both heads (DINO's use_bn_in_head)
-    activation_checkpointing: bool = False
+    # recompute each block's activations in backward: true/false for every stage, or one bool per stage
+    activation_checkpointing: typing.Union[bool, list[bool]] = False
 
 
 @dataclass
@@ -97,6 +110,10 @@ class DeepSpeedConfig:
     # If set, the global batch the hyper-parameters were tuned for; grad_accum_steps is then derived
     # as global_batch_size / (batch_size_per_gpu * world_size), which must divide exactly.
     global_batch_size: Optional[int] = None
+    # Elements per communication bucket (gradient reduction; ZeRO-3 prefetch) and, at ZeRO-3, the most parameter
+    # elements gathered at once. None: DeepSpeed's defaults (5e8 reduce, 5e7 prefetch, 1e9 live), sized for GPUs;
+    # each costs its size in memory, which matters for big models on small hosts (the CPU tests use 5e7).
+    bucket_elements: Optional[int] = None
 
 
 @dataclass
@@ -232,11 +249,16 @@ def _build(cls, raw: dict, prefix: str):
 
 def _coerce(value: Any, typ, key: str):
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union:                       # Optional[X]
-        if value is None:
+    if origin is typing.Union:                       # Optional[X], or X | Y: the first that accepts the value
+        if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        return _coerce(value, options[-1], key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -269,46 +291,103 @@ def _coerce(value: Any, typ, key: str):
 
 
 def validate(cfg: Config) -> None:
+    """Every check names the key it is about; the first failure raises ConfigError."""
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {what}")
 
-    m, d, l, o, ds, r = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.deepspeed, cfg.run
-    if m.depths is not None and m.num_heads is not None:
-        need(len(m.depths) == len(m.num_heads), "model.num_heads", "must have one entry per stage of model.depths")
+    m, d, l, o, ds, r, e = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.deepspeed, cfg.run, cfg.eval
     for key, v in [("model.window_size", m.window_size), ("model.patch_size", m.patch_size),
                    ("model.out_dim", m.out_dim), ("model.head_hidden_dim", m.head_hidden_dim),
                    ("model.head_bottleneck_dim", m.head_bottleneck_dim),
                    ("data.batch_size_per_gpu", d.batch_size_per_gpu), ("data.global_crops_size", d.global_crops_size),
                    ("optim.epochs", o.epochs), ("deepspeed.grad_accum_steps", ds.grad_accum_steps),
-                   ("run.keep_checkpoints", r.keep_checkpoints), ("run.log_every_steps", r.log_every_steps)]:
+                   ("run.keep_checkpoints", r.keep_checkpoints), ("run.log_every_steps", r.log_every_steps),
+                   ("eval.image_size", e.image_size), ("eval.resize_size", e.resize_size)]:
         need(v >= 1, key, f"must be >= 1, got {v}")
-    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _validate_architecture(cfg, need)
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(len(d.local_crops_size) == len(d.local_crops_number), "data.local_crops_number",
          "must have one entry per size in data.local_crops_size")
-    need(all(n >= 0 for n in d.local_crops_number), "data.local_crops_number", "counts must be >= 0")
-    need(all(s >= 1 for s in d.local_crops_size), "data.local_crops_size", "sizes must be >= 1")
+    need(all(n >= 0 for n in d.local_crops_number), "data.local_crops_number", f"counts must be >= 0, got "
+         f"{d.local_crops_number}")
+    need(all(s >= 1 for s in d.local_crops_size), "data.local_crops_size", f"sizes must be >= 1, got "
+         f"{d.local_crops_size}")
+    _validate_crop_geometry(cfg, need)
     for key, s in [("data.global_crops_scale", d.global_crops_scale), ("data.local_crops_scale", d.local_crops_scale)]:
         need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, key, f"must be [min, max] with 0 < min <= max <= 1, got {s}")
-    need(l.student_temp > 0 and l.teacher_temp > 0 and l.warmup_teacher_temp > 0, "loss.teacher_temp",
-         "temperatures must be > 0")
-    need(0 <= l.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
-    need(l.pair_factor > 0, "loss.pair_factor", "must be > 0")
-    need(l.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0 (0: off)")
-    need(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher", "must be in [0, 1]")
-    need(o.base_lr > 0 and o.min_lr >= 0, "optim.base_lr", "learning rates must be positive")
-    need(o.warmup_epochs >= 0 and o.freeze_last_layer >= 0, "optim.warmup_epochs", "must be >= 0")
-    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
-    need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size", "must be >= 1")
-    need(r.max_steps >= 0 and r.checkpoint_every_steps >= 0, "run.max_steps", "must be >= 0")
-    need(0 <= r.stop_epoch <= o.epochs, "run.stop_epoch", f"must be in [0, optim.epochs={o.epochs}]")
-    need(r.exit_before_end_minutes >= 0, "run.exit_before_end_minutes", "must be >= 0 (0: off)")
-    need(r.hang_timeout_minutes >= 0, "run.hang_timeout_minutes", "must be >= 0 (0: off)")
-    need(r.dist_timeout_minutes > 0, "run.dist_timeout_minutes", "must be > 0")
-    need(r.straggler_every_steps >= 0, "run.straggler_every_steps", "must be >= 0 (0: off)")
-    need(r.straggler_factor > 1, "run.straggler_factor", "must be > 1")
-    need(cfg.eval.linear_blocks >= 1, "eval.linear_blocks", "must be >= 1")
-    need(cfg.eval.linear_epochs >= 1, "eval.linear_epochs", "must be >= 1")
-    need(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
-    need(all(k >= 1 for k in cfg.eval.knn_k) and cfg.eval.knn_k, "eval.knn_k", "must be a list of k >= 1")
+    for key, v in [("loss.student_temp", l.student_temp), ("loss.teacher_temp", l.teacher_temp),
+                   ("loss.warmup_teacher_temp", l.warmup_teacher_temp), ("loss.pair_factor", l.pair_factor),
+                   ("optim.base_lr", o.base_lr), ("eval.knn_temperature", e.knn_temperature)]:
+        need(v > 0, key, f"must be > 0, got {v}")
+    for key, v in [("loss.warmup_teacher_temp_epochs", l.warmup_teacher_temp_epochs), ("optim.min_lr", o.min_lr),
+                   ("optim.warmup_epochs", o.warmup_epochs), ("optim.weight_decay", o.weight_decay),
+                   ("optim.weight_decay_end", o.weight_decay_end), ("optim.freeze_last_layer", o.freeze_last_layer),
+                   ("run.max_steps", r.max_steps), ("run.checkpoint_every_steps", r.checkpoint_every_steps),
+                   ("eval.knn_every_epochs", e.knn_every_epochs)]:
+        need(v >= 0, key, f"must be >= 0, got {v}")
+    need(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0 (0 disables clipping), got {o.clip_grad}")
+    need(0 <= l.center_momentum < 1, "loss.center_momentum", f"must be in [0, 1), got {l.center_momentum}")
+    need(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher", f"must be in [0, 1], got {o.momentum_teacher}")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+         f"must be two numbers in [0, 1), got {o.betas}")
+    need(ds.global_batch_size is None or ds.global_batch_size >= 1, "deepspeed.global_batch_size",
+         f"must be >= 1, got {ds.global_batch_size}")
+    need(ds.bucket_elements is None or ds.bucket_elements >= 1, "deepspeed.bucket_elements",
+         f"must be >= 1, got {ds.bucket_elements}")
+    need(0 <= r.stop_epoch <= o.epochs, "run.stop_epoch",
+         f"must be in [0, optim.epochs={o.epochs}], got {r.stop_epoch}")
+    need(l.koleo_weight >= 0, "loss.koleo_weight", f"must be >= 0 (0: off), got {l.koleo_weight}")
+    need(r.exit_before_end_minutes >= 0, "run.exit_before_end_minutes",
+         f"must be >= 0 (0: off), got {r.exit_before_end_minutes}")
+    need(r.hang_timeout_minutes >= 0, "run.hang_timeout_minutes", f"must be >= 0 (0: off), got {r.hang_timeout_minutes}")
+    need(r.dist_timeout_minutes > 0, "run.dist_timeout_minutes", f"must be > 0, got {r.dist_timeout_minutes}")
+    need(r.straggler_every_steps >= 0, "run.straggler_every_steps",
+         f"must be >= 0 (0: off), got {r.straggler_every_steps}")
+    need(r.straggler_factor > 1, "run.straggler_factor", f"must be > 1, got {r.straggler_factor}")
+    need(e.linear_blocks >= 1, "eval.linear_blocks", f"must be >= 1, got {e.linear_blocks}")
+    need(e.linear_epochs >= 1, "eval.linear_epochs", f"must be >= 1, got {e.linear_epochs}")
+    need(bool(e.knn_k) and all(k >= 1 for k in e.knn_k), "eval.knn_k", f"must be a list of k >= 1, got {e.knn_k}")
+
+
+def resolved_arch(m: ModelConfig) -> dict:
+    """The `model.arch` preset with the explicitly set model.embed_dim/depths/num_heads/drop_path_rate applied."""
+    arch = dict(ARCHS[m.arch])
+    for key in arch:
+        if getattr(m, key) is not None:
+            arch[key] = getattr(m, key)
+    return arch
+
+
+def _validate_architecture(cfg: Config, need) -> None:
+    """The Swin shape after the preset is resolved: one head count per stage, heads dividing each stage's width."""
+    m = cfg.model
+    arch = resolved_arch(m)
+    need(all(x >= 1 for x in arch["depths"]), "model.depths", f"must be >= 1 blocks per stage, got {arch['depths']}")
+    need(all(x >= 1 for x in arch["num_heads"]), "model.num_heads", f"must be >= 1, got {arch['num_heads']}")
+    need(len(arch["depths"]) == len(arch["num_heads"]), "model.num_heads",
+         f"must have one entry per stage of model.depths ({len(arch['depths'])}), got {arch['num_heads']}")
+    need(arch["embed_dim"] >= 1, "model.embed_dim", f"must be >= 1, got {arch['embed_dim']}")
+    need(0 <= arch["drop_path_rate"] < 1, "model.drop_path_rate", f"must be in [0, 1), got {arch['drop_path_rate']}")
+    ckpt = m.activation_checkpointing
+    need(isinstance(ckpt, bool) or len(ckpt) == len(arch["depths"]), "model.activation_checkpointing",
+         f"must be true, false or one bool per stage ({len(arch['depths'])}), got {ckpt}")
+    for i, heads in enumerate(arch["num_heads"]):
+        width = arch["embed_dim"] * 2 ** i          # each stage doubles the channels
+        need(width % heads == 0, "model.num_heads",
+             f"stage {i} has {width} channels (model.embed_dim={arch['embed_dim']} x 2^{i}), not divisible by "
+             f"its {heads} heads")
+
+
+def _validate_crop_geometry(cfg: Config, need) -> None:
+    """Every image fed to the backbone must be a whole number of patches. That is the only size constraint of
+    timm's SwinTransformer with strict_img_size=False (tried for every size 4..120 px, window 4 and 7, 2 and 4
+    stages): the patch embedding refuses a remainder; each later stage pads an odd grid before halving it, and
+    every window attention pads a grid smaller than or not a multiple of its window (a crop of at most
+    patch_size x 2^(stages-1) px ends in one token)."""
+    p = cfg.model.patch_size
+    sizes = [("data.global_crops_size", cfg.data.global_crops_size), ("eval.image_size", cfg.eval.image_size)]
+    sizes += [(f"data.local_crops_size[{i}]", s) for i, s in enumerate(cfg.data.local_crops_size)]
+    for key, size in sizes:
+        need(size % p == 0, key, f"{size} px is not a multiple of model.patch_size={p} (the patch embedding "
+             f"needs whole patches); e.g. {max(p, size // p * p)} or {(size // p + 1) * p}")

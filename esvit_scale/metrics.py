@@ -34,6 +34,14 @@ def drop_records_after(path: Path, step: int) -> int:
     return dropped
 
 
+def phase_split(scalars: dict[str, float]) -> str:
+    """'1.23 s: data_wait 2%, teacher_forward 10%, ...' from a step's step_s and phase_s/<phase> scalars."""
+    total = scalars["step_s"]
+    parts = [f"{k[len('phase_s/'):]} {100 * v / max(total, 1e-12):.0f}%" for k, v in scalars.items()
+             if k.startswith("phase_s/")]
+    return f"{total:.3f} s: " + ", ".join(parts)
+
+
 class MetricsLogger:
     """`start_step`: the step training starts from; records of later steps are dropped from metrics.jsonl and
     TensorBoard (purge_step), so that a resumed run holds one record per step."""
@@ -51,9 +59,13 @@ class MetricsLogger:
             log.info("dropped %d records after step %d from metrics.jsonl (they are logged again)", dropped, start_step)
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        self._redirect = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()       # log lines above the bar, not glued to its end
+            self._redirect.__enter__()
         self._last_time = time.time()
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
@@ -64,12 +76,16 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars.get('images_per_s', 0):.1f}")
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", ips=f"{scalars.get('images_per_s', 0):.1f}",
+                                 mfu=f"{100 * scalars.get('mfu', 0):.1f}%")
             self.bar.refresh()
         elif step % self.log_every == 0 or step == self.total_steps:
             terms = ", ".join(f"{k[:-5]} {v:.4f}" for k, v in scalars.items() if k.endswith("_loss"))
-            log.info("step %d/%d  epoch %d  loss %.4f (%s)  lr %.2e  %.1f images/s", step, self.total_steps,
-                     scalars["epoch"], scalars["loss"], terms, scalars["lr"], scalars.get("images_per_s", 0.0))
+            log.info("step %d/%d  epoch %d  loss %.4f (%s)  lr %.2e  %.1f images/s  MFU %.1f%%", step,
+                     self.total_steps, scalars["epoch"], scalars["loss"], terms, scalars["lr"],
+                     scalars.get("images_per_s", 0.0), 100 * scalars.get("mfu", 0.0))
+            if "step_s" in scalars:
+                log.info("step %d phases: %s", step, phase_split(scalars))
 
     def scalar(self, key: str, value: float, step: int) -> None:
         if self.enabled:
@@ -87,6 +103,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
         self.writer.close()
         self.jsonl.close()

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from esvit_scale.checkpoint.restore import TrainState, start_run
+from esvit_scale.checkpoint.restore import start_run
 from esvit_scale.cluster.faults import pause_point, stall_if_injected
 from esvit_scale.cluster.signals import EXIT_LOST_RANK, EXIT_PREEMPTED, StopRequest, record_exit_status
 from esvit_scale.config import Config
@@ -75,7 +75,7 @@ class Trainer:
         from esvit_scale import ops
         from esvit_scale.data.build import build_loader
         from esvit_scale.data.folder import index_folder
-        from esvit_scale.engine.student import accumulation_steps
+        from esvit_scale.engine.student import accumulation_steps, model_init_context
         from esvit_scale.losses.esvit_loss import EsViTLoss
         from esvit_scale.models.esvit import EsViT
         from esvit_scale.schedules import build_schedules
@@ -106,16 +106,26 @@ class Trainer:
         self.sched = build_schedules(cfg, self.global_batch, self.steps_per_epoch)
 
         pause_point("build")
-        torch.manual_seed(cfg.run.seed)                       # identical initial weights on every rank
-        student, teacher = EsViT(cfg), EsViT(cfg, is_teacher=True)
         self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim, accumulation=self.accum)
-        start = start_run(cfg, self.dist, student, teacher, self.loss_fn)      # fresh, init_from or resume
+
+        def build_models(whole: bool):
+            """Student and teacher from one seed: partitioned as they are built at ZeRO-3, unless `whole`."""
+            torch.manual_seed(cfg.run.seed)                   # identical initial weights on every rank
+            with contextlib.nullcontext() if whole else model_init_context(cfg, self.dist.world_size):
+                student = EsViT(cfg)
+            with contextlib.nullcontext() if whole else model_init_context(cfg, self.dist.world_size, teacher=True):
+                teacher = EsViT(cfg, is_teacher=True)
+            return student, teacher
+        start = start_run(cfg, self.dist, build_models, self.loss_fn)         # fresh, init_from or resume
         self.engine, self.optimizer, self.teacher = start.engine, start.optimizer, start.teacher
         self.state, self.checkpoints = start.state, start.checkpoints
         self.loss_fn.to(self.dist.device)
 
-        self.input_dtype = (torch.bfloat16 if self.engine.bfloat16_enabled() else
-                            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        from esvit_scale.step import TrainStep, engine_dtype
+        self.input_dtype = engine_dtype(self.engine)
+        self.train_step = TrainStep(self.engine, self.optimizer, self.teacher, self.loss_fn, self.sched,
+                                    self.dist.device, self.input_dtype)
+        self.flops_per_image, self.peak = _model_flops_and_peak(cfg, self.dist.device)
         self.total_steps = (cfg.run.stop_epoch or cfg.optim.epochs) * self.steps_per_epoch
         if cfg.run.max_steps:
             self.total_steps = min(self.total_steps, cfg.run.max_steps)
@@ -123,22 +133,19 @@ class Trainer:
     # ------------------------------------------------------------------ pieces of a step
 
     def teacher_autocast(self):
-        on_gpu = self.dist.device.type == "cuda" and self.input_dtype != torch.float32
-        return torch.autocast("cuda", dtype=self.input_dtype, enabled=on_gpu)
-
-    def forward_loss(self, crops: list[torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
-        with self.stragglers.forward_timer():            # each rank's own work, before the loss's all-reduce
-            crops = [c.to(self.dist.device, non_blocking=True) for c in crops]
-            with self.teacher_autocast():
-                teacher_out = self.teacher(crops[:2])
-            student_out = self.engine([c.to(self.input_dtype) for c in crops])
-        return self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[epoch]))
+        from esvit_scale.step import teacher_autocast
+        return teacher_autocast(self.dist.device, self.input_dtype)
 
     def set_hyperparameters(self, epoch: int) -> None:
-        from esvit_scale.engine.student import set_optimizer_hyperparameters
-        it = self.state.step
-        set_optimizer_hyperparameters(self.optimizer, float(self.sched.lr[it]), float(self.sched.weight_decay[it]),
-                                      freeze_last_layer=epoch < self.cfg.optim.freeze_last_layer)
+        self.train_step.set_hyperparameters(self.state.step,
+                                            freeze_last_layer=epoch < self.cfg.optim.freeze_last_layer)
+
+    def timed(self) -> bool:
+        """Phases are timed (device-synchronised) only in the optimizer steps whose metrics are logged, and in
+        those that close a straggler report's window."""
+        step, run = self.state.step + 1, self.cfg.run
+        return step % run.log_every_steps == 0 or bool(run.straggler_every_steps and
+                                                       step % run.straggler_every_steps == 0)
 
     def client_state(self) -> dict:
         return {"train_state": dataclasses.asdict(self.state), "loss": self.loss_fn.state_dict(),
@@ -203,6 +210,7 @@ class Trainer:
         from esvit_scale.losses.monitors import CollapseWatch
         self.collapse = CollapseWatch(cfg.model.out_dim, self.teacher.module.backbone.num_features)
         self.throughput: list[float] = []
+        self.phase_seconds: dict[str, float] = {}
         self.saved_at = state.step if self.checkpoints.resumed_from else -1
         log.info("training: %d steps per epoch, global batch %d (%d per rank x %d ranks x %d accumulation), "
                  "%d steps to go", self.steps_per_epoch, self.global_batch, cfg.data.batch_size_per_gpu,
@@ -266,24 +274,22 @@ class Trainer:
         state, batches_per_epoch = self.state, self.steps_per_epoch * self.accum
         sums: dict[str, torch.Tensor] = {}
         images, start = 0, time.time()
-        waited_from = time.perf_counter()
-        for crops in self.loader.epoch(epoch, state.batch_in_epoch):
-            self.stragglers.add_host_time(time.perf_counter() - waited_from)
+        for crops in self.train_step.batches(self.loader.epoch(epoch, state.batch_in_epoch)):
             stall_if_injected(self.dist.rank, state.step + 1)
             if state.batch_in_epoch % self.accum == 0:
                 self.set_hyperparameters(epoch)
                 self.loss_fn.monitor = (state.step + 1) % self.cfg.run.log_every_steps == 0
-            losses = self.forward_loss(crops, epoch)
-            self.engine.backward(losses["loss"])
-            self.engine.step()
+            boundary = (state.batch_in_epoch + 1) % self.accum == 0
+            losses, phases = self.train_step.run(crops, epoch, state.step, boundary, timing=self.timed())
+            self.phase_seconds = _add(self.phase_seconds, phases)
+            self.stragglers.record(phases)
             state.batch_in_epoch += 1
             images += crops[0].shape[0] * self.dist.world_size
             for name, value in losses.items():          # the loss, every term's, and the readings of log steps
                 sums[name] = sums.get(name, 0.0) + value.detach().float().cpu()
             if state.batch_in_epoch % self.accum:
                 continue
-            # ---- optimizer step boundary
-            self.teacher.update(float(self.sched.momentum[state.step]))
+            # ---- optimizer step boundary (the EMA update ran in the step)
             state.step += 1
             names = sorted(sums)
             reduced = _mean_over_ranks(torch.cat([torch.stack([sums[n] for n in names]) / self.accum,
@@ -292,7 +298,6 @@ class Trainer:
             self.check_finite(values, epoch)
             self.throughput.append(images / max(time.time() - start, 1e-9))
             self.log_step(epoch, values)
-            self.stragglers.step_done()
             slow = self.stragglers.report(state.step)
             if slow is not None:
                 self.metrics.scalars("stragglers", slow, state.step)
@@ -308,7 +313,6 @@ class Trainer:
                 self.save_once()
             if state.step >= self.total_steps or state.batch_in_epoch >= batches_per_epoch:
                 break
-            waited_from = time.perf_counter()
         return False
 
     def left_out_files(self) -> list[str]:
@@ -353,11 +357,21 @@ class Trainer:
             **values, "epoch": epoch,
             "lr": float(self.sched.lr[i]), "weight_decay": float(self.sched.weight_decay[i]),
             "momentum": float(self.sched.momentum[i]), "teacher_temp": float(self.sched.teacher_temp[epoch]),
-            "images_per_s": self.throughput[-1]})
+            "images_per_s": self.throughput[-1], **self.performance_scalars()})
         self.last_loss = values["loss"]
         if "view_teacher_entropy" in values:                 # a monitored step
             self.health = {k: v for k, v in values.items() if k != "loss" and not k.endswith("_loss")}
             self.collapse.update(self.health, self.state.step)
+
+    def performance_scalars(self) -> dict[str, float]:
+        """Achieved model TFLOP/s per device and MFU of the last optimizer step; its phase split when it was timed
+        (seconds summed over its micro-batches)."""
+        flops_per_s = self.throughput[-1] / self.dist.world_size * self.flops_per_image
+        out = {"tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / self.peak["peak_flops"]}
+        phases, self.phase_seconds = self.phase_seconds, {}
+        if phases:
+            out.update(step_s=sum(phases.values()), **{f"phase_s/{p}": t for p, t in phases.items()})
+        return out
 
     def save_once(self) -> None:
         if self.saved_at != self.state.step:
@@ -371,7 +385,11 @@ class Trainer:
         summary = {"steps": state.step, "epochs_completed": state.epoch, "preempted": preempted,
                    "images_per_s": _steady_mean(self.throughput), "global_batch": self.global_batch,
                    "world_size": self.dist.world_size, "loss_final": getattr(self, "last_loss", None),
-                   "health": getattr(self, "health", None), "collapse": self.collapse.last()}
+                   "health": getattr(self, "health", None), "collapse": self.collapse.last(),
+                   "flops_per_image": self.flops_per_image, "peak_flops_per_device": self.peak["peak_flops"]}
+        if summary["images_per_s"]:
+            summary["mfu"] = summary["images_per_s"] / self.dist.world_size * self.flops_per_image / \
+                self.peak["peak_flops"]
         left_out = self.left_out_files()
         summary["data"] = {"files_left_out": len(left_out), "left_out": left_out[:100]}
         try:
@@ -390,6 +408,22 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("summary: %s", json.dumps(summary))
         return summary
+
+
+def _model_flops_and_peak(cfg: Config, device: torch.device) -> tuple[float, dict]:
+    """Model FLOPs per image of a step (counted on the meta device) and the device's peak FLOP/s, for the MFU."""
+    from esvit_scale.bench.flops import CONVENTION, step_flops
+    from esvit_scale.bench.peak import device_peak
+    per_image = step_flops(cfg).per_image
+    peak = device_peak(device, cfg.deepspeed.precision)
+    log.info("model FLOPs per image of a step: %.2f G (%s); peak per device %.2f TFLOP/s (%s): MFU is against it",
+             per_image / 1e9, CONVENTION, peak["peak_flops"] / 1e12, peak["source"])
+    return per_image, peak
+
+
+def _add(total: dict[str, float], phases: Optional[dict[str, float]]) -> dict[str, float]:
+    """Phase seconds summed over the micro-batches of an optimizer step."""
+    return total if phases is None else {p: total.get(p, 0.0) + t for p, t in phases.items()}
 
 
 def _steady_mean(values: list[float]) -> Optional[float]:

@@ -1,13 +1,12 @@
-"""The training-step benchmark (kernels on vs off) at tiny sizes: both variants start from the same weights and
-batch, so their first losses agree; no timing asserts."""
+"""The training-step benchmark (kernels on vs off) at tiny sizes, in its own process (it starts DeepSpeed): both
+variants start from the same weights and batch, so their first losses agree; no timing asserts."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from esvit_scale.bench import train as bench
+from conftest import PYTHON, run_command
 
 pytestmark = pytest.mark.usefixtures("kernels_on")
 
@@ -17,15 +16,13 @@ TINY = ["model.arch=swin_nano", "model.window_size=4", "model.out_dim=128", "mod
 
 
 def test_train_benchmark_runs_both_variants_from_the_same_start(tmp_path):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
     out = tmp_path / "train.json"
-    args = parser.parse_args(["--config", "configs/quickstart.yaml", "--rounds", "2", "--steps", "1",
-                              "--json", str(out), *TINY])
-    bench.run(args)
+    run_command([PYTHON, "-m", "esvit_scale.bench", "train", "--config", "configs/quickstart.yaml", "--rounds", "2",
+                 "--steps", "1", "--json", str(out), *TINY])
     report = json.loads(out.read_text())
     on, off = report["first_step_losses"]["kernels_on"], report["first_step_losses"]["kernels_off"]
     for key in ("loss", "view_loss", "region_loss"):
         assert on[key] == pytest.approx(off[key], rel=1e-5, abs=1e-6), key
+    assert report["zero_stage"] == 0 and report["precision"] == "fp32"   # the config's engine, DeepSpeed's
     assert report["batch"] == 4 and report["local_crops"] == [[16, 2]]
     assert {k: len(v) for k, v in report["ms_per_step_all"].items()} == {"kernels_on": 2, "kernels_off": 2}

@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,checkpoint} --json PATH`.
+"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint} --json PATH`.
 
 Each subcommand lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "kernels": "esvit_scale.bench.kernels",   # fused ops vs reference (and timm) at Swin-T shapes
     "loader": "esvit_scale.bench.loader",     # DALI vs torch/PIL multi-crop loader
     "train": "esvit_scale.bench.train",       # training steps, kernels on vs off
+    "step": "esvit_scale.bench.step",         # the real step: images/s, MFU, memory, phase split
+    "plan": "esvit_scale.bench.plan",         # memory per device by ZeRO stage; what fits
     "checkpoint": "esvit_scale.bench.checkpoint",   # training stall per save, synchronous vs asynchronous
 }
 

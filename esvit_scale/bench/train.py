@@ -2,14 +2,14 @@
 
     python -m esvit_scale.bench train --config configs/quickstart.yaml --json runs/bench_train.json
 
-Builds the student, the EMA teacher and the loss of the config twice from one seed (identical weights):
-`kernels.window_attention` and `kernels.region_matching` on, and both off (the pure-PyTorch references on
-the same attention path). Each variant then runs the steps of train.py on synthetic multi-crop batches of
-the config's shapes: teacher forward, student forward, loss, backward, AdamW step (the trainer's parameter
-groups; plain torch instead of DeepSpeed's stage-0 wrapper), EMA update. Rounds alternate the variants so
-that machine noise hits both alike; the time of a variant is the median over its steps, and the per-round
-ratio (the two variants adjacent in time) is reported too. No data loading.
+Builds the training step of the config twice from one seed (identical weights; esvit_scale.step, the step the
+trainer runs: the DeepSpeed engine of the configured ZeRO stage and precision, the EMA teacher, the loss and the
+schedules): `kernels.window_attention` and `kernels.region_matching` on, and both off (the pure-PyTorch references
+on the same attention path). Each variant then runs steps on synthetic multi-crop batches of the config's shapes.
+Rounds alternate the variants so that machine noise hits both alike; the time of a variant is the median over its
+steps, and the per-round ratio (the two variants adjacent in time) is reported too. No data loading.
 The first step's losses of both variants are reported as well: they must agree (same weights, same batch).
+One process (world size 1).
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import torch
 from esvit_scale import ops
 from esvit_scale.bench.report import write_json
 from esvit_scale.config import Config, load_config
+from esvit_scale.engine.distributed import init_distributed, resolve_device
+from esvit_scale.step import TrainStep, build_train_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,32 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Variant:
-    """Student, teacher, loss and optimizer of one kernel setting; `step(crops)` is one training step."""
+    """The training step of one kernel setting; `step(crops)` is one optimizer step at the schedules' peak lr."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        from esvit_scale.engine.student import parameter_groups
-        from esvit_scale.losses.esvit_loss import EsViTLoss
-        from esvit_scale.models.esvit import EsViT
-
         self.cfg = cfg
-        torch.manual_seed(cfg.run.seed)
-        self.student = EsViT(cfg).to(device)
-        self.teacher = EsViT(cfg, is_teacher=True).to(device).requires_grad_(False).eval()
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim).to(device)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.student), lr=1e-4, betas=tuple(cfg.optim.betas))
-        self.pairs = [(t, s) for t, s in zip(self.teacher.parameters(), self.student.parameters())]
+        ops.configure(cfg.kernels)
+        self.train_step: TrainStep = build_train_step(cfg, world_size=1, device=device)
+        self.steps = 0
 
     def step(self, crops: list[torch.Tensor]) -> dict[str, float]:
         ops.configure(self.cfg.kernels)        # the region-matching backend is process-wide
-        with torch.no_grad():
-            teacher_out = self.teacher(crops[:2])
-        losses = self.loss_fn(self.student(crops), teacher_out, self.cfg.loss.teacher_temp)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_([t for t, _ in self.pairs], [s for _, s in self.pairs], 1.0 - 0.996)
+        at = min(self.cfg.optim.warmup_epochs, len(self.train_step.sched.lr) - 1)    # the peak lr
+        self.train_step.set_hyperparameters(at, freeze_last_layer=False)
+        losses, _ = self.train_step.run(crops, epoch=0, step=at, boundary=True)
         return {k: float(v.detach()) for k, v in losses.items()}
 
 
@@ -80,8 +69,9 @@ def run(args) -> None:
     on = load_config(args.config, args.overrides + ["kernels.window_attention=true", "kernels.region_matching=true"])
     off = load_config(args.config, args.overrides + ["kernels.window_attention=false",
                                                      "kernels.region_matching=false"])
-    device = torch.device(on.run.device if on.run.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise SystemExit("bench train runs in one process; use `bench step` under torchrun")
+    device = init_distributed(resolve_device(on.run.device)).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     load_before = [round(x, 2) for x in os.getloadavg()]
     variants = {"kernels_on": Variant(on, device), "kernels_off": Variant(off, device)}
@@ -104,7 +94,7 @@ def run(args) -> None:
     report = {
         "config": args.config, "overrides": args.overrides, "device": str(device),
         "cpu": platform.processor() or "cpu", "threads": torch.get_num_threads(),
-        "arch": on.model.arch, "window_size": on.model.window_size, "out_dim": on.model.out_dim,
+        "zero_stage": on.deepspeed.zero_stage, "precision": on.deepspeed.precision, "arch": on.model.arch, "window_size": on.model.window_size, "out_dim": on.model.out_dim,
         "batch": batch, "global_crops_size": on.data.global_crops_size,
         "local_crops": list(zip(on.data.local_crops_size, on.data.local_crops_number)),
         "rounds": args.rounds, "steps_per_round": args.steps,

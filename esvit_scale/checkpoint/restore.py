@@ -1,6 +1,6 @@
 """Where a run starts, in one place: afresh, from `run.init_from`, or resumed from its own newest usable checkpoint.
 
-    start = start_run(cfg, dist_info, student, teacher, loss_fn)
+    start = start_run(cfg, dist_info, build_models, loss_fn)
 
 decides, builds the student engine and the EMA teacher, loads what the start needs and returns them with the
 training position (TrainState) and the run's CheckpointStore.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -62,7 +62,10 @@ def run_layout(cfg, world_size: int) -> dict:
             "global_batch": cfg.data.batch_size_per_gpu * accum * world_size, "precision": cfg.deepspeed.precision}
 
 
-def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: nn.Module) -> Start:
+def start_run(cfg, dist_info, build_models: Callable[[bool], tuple[nn.Module, nn.Module]], loss_fn: nn.Module
+              ) -> Start:
+    """build_models(whole) -> (student, teacher): whole when init_from loads full tensors into them, else they may
+    be built partitioned (ZeRO-3)."""
     from esvit_scale.engine.student import build_student_engine
     from esvit_scale.engine.teacher import TeacherEMA
 
@@ -71,6 +74,7 @@ def start_run(cfg, dist_info, student: nn.Module, teacher: nn.Module, loss_fn: n
     resume = store.newest_usable()
     kind = check_layout(resume, read_marker(resume).get("layout"), layout) if resume is not None else None
     state, source = TrainState(), "fresh"
+    student, teacher = build_models(resume is None and bool(cfg.run.init_from))
     if resume is None and cfg.run.init_from:
         state, source = initialise_from(Path(cfg.run.init_from), student, teacher, loss_fn, layout), "init_from"
     engine, optimizer = build_student_engine(cfg, student, dist_info.world_size, load_universal=kind == "universal")

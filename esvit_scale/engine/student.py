@@ -1,11 +1,16 @@
 """The student under DeepSpeed: the one place where our config becomes a DeepSpeed config."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from torch import nn
 
 from esvit_scale.config import Config
 from esvit_scale.models.esvit import last_layer_parameter_names
+
+log = logging.getLogger("esvit_scale")
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
@@ -26,6 +31,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if cfg.deepspeed.zero_stage == 3:
         # keep partitioned parameters partitioned between forward passes (several per step: one per crop size)
         zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
+    if cfg.deepspeed.bucket_elements is not None:
+        n = cfg.deepspeed.bucket_elements
+        zero.update(reduce_bucket_size=n, allgather_bucket_size=n)
+        if cfg.deepspeed.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=n, stage3_max_live_parameters=n)
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
@@ -37,6 +47,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def model_init_context(cfg: Config, world_size: int, teacher: bool = False):
+    """Where the student (or teacher) is constructed. At ZeRO-3: deepspeed.zero.Init, which partitions each
+    parameter as soon as its module is built (every rank draws the same full values from the same seed and keeps
+    its shard), so no rank ever holds a whole model: a 3 B-parameter student and teacher would need 24 GB per rank
+    first. The teacher's parameters stay fp32 (see engine/teacher.py). Elsewhere: nothing."""
+    if cfg.deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    config = deepspeed_config(cfg, world_size)
+    if teacher:
+        config.update(bf16={"enabled": False}, fp16={"enabled": False})
+    return deepspeed.zero.Init(config_dict_or_path=config)
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
@@ -53,10 +77,28 @@ def parameter_groups(model: nn.Module) -> list[dict]:
             for (decay, is_last), ps in sorted(groups.items())]
 
 
+def build_optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over parameter_groups: NVIDIA apex's FusedAdam on a GPU where apex is importable, else torch's AdamW
+    with fused=True (one kernel per step on CPU and GPU, and no partition-sized temporaries, which the default
+    foreach path allocates several of: at ZeRO-3 a rank's whole partition is one flat tensor). Logs which."""
+    groups, betas = parameter_groups(model), tuple(cfg.optim.betas)
+    if device_type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+            log.info("optimizer: apex FusedAdam (AdamW mode)")
+            return FusedAdam(groups, lr=0.0, betas=betas, adam_w_mode=True)
+        except ImportError:
+            pass
+    log.info("optimizer: torch AdamW, fused=True (apex %s)",
+             "not importable" if device_type == "cuda" else "is for GPUs only")
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=True)
+
+
 def build_student_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
     """load_universal: the engine will load a universal checkpoint (one converted for another layout)."""
     import deepspeed
-    optimizer = torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=tuple(cfg.optim.betas))
+    device_type = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    optimizer = build_optimizer(model, cfg, device_type)
     config = deepspeed_config(cfg, world_size)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}

@@ -7,26 +7,8 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from esvit_scale.config import KernelConfig, ModelConfig
+from esvit_scale.config import KernelConfig, ModelConfig, resolved_arch
 from esvit_scale.ops.swin_attention import install_window_attention
-
-# Named presets; `model.embed_dim/depths/num_heads/drop_path_rate` override them when set.
-ARCHS = {
-    "swin_nano": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0),
-    "swin_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.1),
-    "swin_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
-    "swin_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.2),
-    "swin_large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
-}
-
-
-def resolve_arch(cfg: ModelConfig) -> dict:
-    arch = dict(ARCHS[cfg.arch])
-    for key in arch:
-        if getattr(cfg, key) is not None:
-            arch[key] = getattr(cfg, key)
-    return arch
-
 
 class SwinBackbone(nn.Module):
     """x (B, 3, S, S) -> view (B, C), region (B, L, C); L = (S / patch / 8)^2 rounded up per stage."""
@@ -34,7 +16,7 @@ class SwinBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig, img_size: int, drop_path_rate: float | None = None,
                  kernels: KernelConfig | None = None):
         super().__init__()
-        arch = resolve_arch(cfg)
+        arch = resolved_arch(cfg)
         self.swin = SwinTransformer(
             img_size=img_size, patch_size=cfg.patch_size, embed_dim=arch["embed_dim"],
             depths=tuple(arch["depths"]), num_heads=tuple(arch["num_heads"]), window_size=cfg.window_size,
@@ -46,8 +28,11 @@ class SwinBackbone(nn.Module):
         # entry points (trainer, eval, benchmarks) from the run config.
         kernels = kernels if kernels is not None else KernelConfig()
         install_window_attention(self.swin, fused=kernels.window_attention and not kernels.force_reference)
-        if cfg.activation_checkpointing:
-            self.swin.set_grad_checkpointing(True)
+        per_stage = cfg.activation_checkpointing
+        if isinstance(per_stage, bool):
+            per_stage = [per_stage] * len(self.swin.layers)
+        for stage, on in zip(self.swin.layers, per_stage):     # timm's set_grad_checkpointing, stage by stage
+            stage.grad_checkpointing = on
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.swin.forward_features(x)          # (B, H, W, C) after the final LayerNorm

@@ -40,12 +40,41 @@ def window_attention_reference(qkv: torch.Tensor, table: torch.Tensor, rel_index
     return out.transpose(1, 2).reshape(B_, N, -1)
 
 
+# The kernels as torch operators (esvit::...), so that dispatch modes see them: torch's FLOP counter
+# (esvit_scale/bench/flops.py registers their formulas), fake tensors and torch.compile.
+
+@torch.library.custom_op("esvit::window_attention_forward", mutates_args=())
+def _forward_op(qkv: torch.Tensor, table: torch.Tensor, rel_index: torch.Tensor, region: torch.Tensor,
+                num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _ext.extension().window_attention_forward(qkv, table, rel_index, region, num_heads, scale)
+    return out, lse
+
+
+@_forward_op.register_fake
+def _(qkv, table, rel_index, region, num_heads, scale):
+    B_, N, C3 = qkv.shape
+    return qkv.new_empty(B_, N, C3 // 3), qkv.new_empty(B_, num_heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("esvit::window_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 table: torch.Tensor, rel_index: torch.Tensor, region: torch.Tensor, num_heads: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dqkv, dtable = _ext.extension().window_attention_backward(grad_out, qkv, out, lse, table, rel_index, region,
+                                                              num_heads, scale)
+    return dqkv, dtable
+
+
+@_backward_op.register_fake
+def _(grad_out, qkv, out, lse, table, rel_index, region, num_heads, scale):
+    return torch.empty_like(qkv), table.new_empty(table.shape, dtype=torch.float32 if qkv.is_cuda else qkv.dtype)
+
+
 class _FusedWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, table, rel_index, region, num_heads, scale):
         region_arg = region if region is not None else rel_index.new_empty(0, dtype=torch.int32)
-        out, lse = _ext.extension().window_attention_forward(qkv, table.to(qkv.dtype), rel_index, region_arg,
-                                                             num_heads, scale)
+        out, lse = _forward_op(qkv, table.to(qkv.dtype), rel_index, region_arg, num_heads, scale)
         ctx.save_for_backward(qkv, out, lse, table, rel_index, region_arg)
         ctx.num_heads, ctx.scale = num_heads, scale
         return out
@@ -53,8 +82,8 @@ class _FusedWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         qkv, out, lse, table, rel_index, region_arg = ctx.saved_tensors
-        dqkv, dtable = _ext.extension().window_attention_backward(
-            grad_out, qkv, out, lse, table.to(qkv.dtype), rel_index, region_arg, ctx.num_heads, ctx.scale)
+        dqkv, dtable = _backward_op(grad_out, qkv, out, lse, table.to(qkv.dtype), rel_index, region_arg,
+                                    ctx.num_heads, ctx.scale)
         return dqkv, dtable.to(table.dtype), None, None, None, None
 
 

@@ -19,9 +19,7 @@ before = tr.teacher.full_state_dict()
 crops = next(iter(tr.loader.epoch(0)))
 tr.state.step = 3                               # past lr = 0 at the first warmup step
 tr.set_hyperparameters(epoch=1)                 # past the last-layer freeze: every parameter moves
-losses = tr.forward_loss(crops, 0)
-tr.engine.backward(losses["loss"])
-tr.engine.step()
+tr.train_step.run(crops, epoch=0, step=tr.state.step, boundary=False)   # the EMA update below instead
 m = 0.75
 tr.teacher.update(m)
 assert all(t.data.numel() == 0 for t in tr.teacher.teacher_params), "the update gathered parameters"

@@ -15,9 +15,7 @@ rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 crops = next(iter(tr.loader.epoch(0)))
 tr.state.step = 3                                 # past lr = 0 at the first warmup step
 tr.set_hyperparameters(epoch=1)
-tr.engine.backward(tr.forward_loss(crops, 0)["loss"])
-tr.engine.step()
-tr.teacher.update(0.5)
+tr.train_step.run(crops, epoch=0, step=0, boundary=True)     # forward, backward, optimizer step, EMA
 
 
 def refuse():
