@@ -131,10 +131,10 @@ def _step_flops(cfg: Config, batch: int | None) -> StepFlops:
     phases["backward"] = c.get_total_flops()
 
     by_size = {}
-    for size in sorted(set(crop_sizes(cfg))):
+    for size in sorted(set(crop_sizes(cfg))):      # per image, counted on two (a batch-normalised head needs two)
         with counter() as c, torch.no_grad():
-            student([torch.randn(1, 3, size, size, device=meta)])
-        by_size[size] = c.get_total_flops()
+            student([torch.randn(2, 3, size, size, device=meta)])
+        by_size[size] = c.get_total_flops() // 2
     return StepFlops(batch=batch, by_crop_size=by_size, **phases)
 
 
