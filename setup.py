@@ -74,6 +74,7 @@ setup(
         "tensorboard",
         "numpy",
         "pillow",
+        "scikit-learn",          # ships the quickstart's real images (its bundled digits)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

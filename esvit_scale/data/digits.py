@@ -2,7 +2,7 @@
 
 1797 scans of handwritten digits (UCI optdigits: 8x8 grey levels 0-16, 43 writers) written as RGB JPEGs of `size`
 pixels (bicubic upsampling) under root/train/<digit> and root/val/<digit>: a stratified 1437 / 360 split with a
-fixed seed. Used by the quickstart and by tests that need real images.
+fixed seed. `python -m esvit_scale.data.digits OUT_DIR` writes it (docs/training.md runs on it).
 """
 from __future__ import annotations
 
@@ -48,3 +48,11 @@ def make_digits_folder(root: str | Path, size: int = 64, seed: int = 0) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     partial.rename(root)
     return root
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m esvit_scale.data.digits OUT_DIR    (writes OUT_DIR/train and OUT_DIR/val)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(make_digits_folder(sys.argv[1]))
