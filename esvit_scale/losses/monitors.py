@@ -57,9 +57,9 @@ def feature_spread(features: torch.Tensor) -> torch.Tensor:
 
 SIGNATURES = {
     "uniform": "the teacher's {head} outputs are near uniform (row entropy {row:.2f} of ln K = {lnk:.2f}): the "
-               "centre cancels everything the head says. What usually helps: a lower learning rate or a longer "
-               "warm-up, a lower teacher temperature, a larger EMA momentum, and for small images smaller, less "
-               "aggressive local crops",
+               "centre cancels everything the head says. What usually helps: when the images share most of their "
+               "content, a batch-normalised head (model.head_batchnorm=true); a lower learning rate or a longer "
+               "warm-up; a larger EMA momentum (docs/training.md)",
     "one_prototype": "the teacher puts every image on the same prototype(s) (entropy of the batch-mean {head} "
                      "distribution {batch:.2f} nats): centring is too weak for the sharpening. What usually "
                      "helps: a faster centre (lower loss.center_momentum) or a higher teacher temperature",
