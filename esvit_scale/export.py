@@ -25,7 +25,7 @@ import torch
 from esvit_scale.checkpoint import CheckpointError, load_file
 from esvit_scale.checkpoint.restore import read_student_weights, read_teacher_weights, verified_marker
 from esvit_scale.config import config_from_dict
-from esvit_scale.models.swin import resolve_arch
+from esvit_scale.config import resolved_arch
 
 BACKBONE_PREFIX = "backbone.swin."
 LAYER_NORM_EPS = 1e-6                     # SwinBackbone's norm layers
@@ -35,7 +35,7 @@ TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_s
 
 def timm_recipe(cfg) -> tuple[str, dict]:
     """(timm model name, keyword arguments) that build our backbone's architecture in timm."""
-    arch = resolve_arch(cfg.model)
+    arch = resolved_arch(cfg.model)
     kwargs = {"img_size": cfg.data.global_crops_size, "patch_size": cfg.model.patch_size,
               "window_size": cfg.model.window_size, "embed_dim": arch["embed_dim"], "depths": list(arch["depths"]),
               "num_heads": list(arch["num_heads"]), "num_classes": 0, "strict_img_size": False}

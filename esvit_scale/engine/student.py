@@ -50,11 +50,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 
 def model_init_context(cfg: Config, world_size: int, teacher: bool = False):
-    """Where the student (or teacher) is constructed. At ZeRO-3: deepspeed.zero.Init, which partitions each
-    parameter as soon as its module is built (every rank draws the same full values from the same seed and keeps
-    its shard), so no rank ever holds a whole model: a 3 B-parameter student and teacher would need 24 GB per rank
-    first. The teacher's parameters stay fp32 (see engine/teacher.py). Elsewhere: nothing."""
-    if cfg.deepspeed.zero_stage != 3:
+    """Where the student (or teacher) is constructed. At ZeRO-3 with deepspeed.zero_init: deepspeed.zero.Init,
+    which partitions each parameter as soon as its module is built (every rank draws the same full values from the
+    same seed and keeps its shard), so no rank ever holds a whole model: a 3 B-parameter student and teacher would
+    need 24 GB per rank first. The teacher's parameters stay fp32 (see engine/teacher.py). Elsewhere: nothing."""
+    if cfg.deepspeed.zero_stage != 3 or not cfg.deepspeed.zero_init:
         return contextlib.nullcontext()
     import deepspeed
     config = deepspeed_config(cfg, world_size)
