@@ -240,7 +240,7 @@ class Trainer:
         run, world = self.cfg.run, self.dist.world_size
         self.heartbeats = PeerHeartbeats(self.dist.rank, world) if world > 1 else None
         explain = self.heartbeats.explain if self.heartbeats else None
-        self.watchdog = (HangWatchdog(run.hang_timeout_minutes * 60, self.dist.rank, explain)
+        self.watchdog = (HangWatchdog(run.hang_timeout_minutes * 60, self.dist.rank, explain, dump_dir=self.out)
                          if run.hang_timeout_minutes > 0 else None)
         self.kick_watchdog()
         try:

@@ -118,8 +118,9 @@ def test_the_hang_watchdog_dumps_the_stacks_and_exits_non_zero(image_folder, tmp
     text = log_of(out)
     assert rc not in (0, 75), text[-4000:]
     assert "hang watchdog: rank 1" in text and "completed no training step in 0.20 min" in text
-    assert "Python stacks of rank 1, every thread:" in text
-    assert 'in stall_if_injected' in text                  # the stalled rank's stack shows where it is stuck
+    assert f"Python stacks of rank 1, every thread (also in {out / 'hang_stacks_rank1.txt'}):" in text
+    stacks = (out / "hang_stacks_rank1.txt").read_text()  # the ranks' dumps interleave in the shared log
+    assert "in stall_if_injected" in stacks                # the stalled rank's stack shows where it is stuck
     assert sorted(read_losses(out)) == [1, 2]
     assert processes_of(out) == []
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Optional
 
 from esvit_scale.cluster.signals import EXIT_HANG
@@ -29,8 +30,11 @@ BACKSTOP_S = 120        # the C-level timer fires this much after the Python one
 
 
 class HangWatchdog:
-    def __init__(self, timeout_s: float, rank: int, explain: Optional[Callable[[], str]] = None):
-        self.timeout_s, self.rank, self.explain = timeout_s, rank, explain
+    def __init__(self, timeout_s: float, rank: int, explain: Optional[Callable[[], str]] = None,
+                 dump_dir: Optional[Path] = None):
+        """dump_dir: where each rank also writes its stacks (hang_stacks_rank<R>.txt): in a shared log the dumps of
+        all ranks arrive at once and interleave."""
+        self.timeout_s, self.rank, self.explain, self.dump_dir = timeout_s, rank, explain, dump_dir
         self._deadline: Optional[float] = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -76,11 +80,20 @@ class HangWatchdog:
                 lines.append(self.explain())
             except Exception as e:      # the explanation is best effort; the dump and exit must happen
                 lines.append(f"(could not check the other ranks: {e})")
-        lines.append(f"Python stacks of rank {self.rank}, every thread:")
+        dump = self.dump_dir / f"hang_stacks_rank{self.rank}.txt" if self.dump_dir else None
+        lines.append(f"Python stacks of rank {self.rank}, every thread" + (f" (also in {dump})" if dump else "") + ":")
         log.error("\n".join(lines))
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stderr.flush()
+        if dump is not None:
+            try:
+                with open(dump, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+                    f.flush()
+                    faulthandler.dump_traceback(file=f, all_threads=True)
+            except OSError as e:
+                log.error("could not write %s: %s", dump, e)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         os._exit(EXIT_HANG)
