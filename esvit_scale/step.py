@@ -12,6 +12,7 @@ so that the seconds belong to their phase; with timing off nothing is synchronis
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -105,22 +106,30 @@ def engine_dtype(engine) -> torch.dtype:
             torch.float16 if engine.fp16_enabled() else torch.float32)
 
 
+def build_models(cfg, world_size: int, whole: bool = False):
+    """(student, teacher) from one seed, so every rank starts from the same weights; built partitioned at ZeRO-3
+    with deepspeed.zero_init (engine.student.model_init_context) unless `whole` (init_from loads full tensors)."""
+    from esvit_scale.engine.student import model_init_context
+    from esvit_scale.models.esvit import EsViT
+    torch.manual_seed(cfg.run.seed)
+    with contextlib.nullcontext() if whole else model_init_context(cfg, world_size):
+        student = EsViT(cfg)
+    with contextlib.nullcontext() if whole else model_init_context(cfg, world_size, teacher=True):
+        teacher = EsViT(cfg, is_teacher=True)
+    return student, teacher
+
+
 def build_train_step(cfg, world_size: int, device: torch.device, steps_per_epoch: int = 1) -> TrainStep:
     """A fresh step of `cfg` (what the benchmarks time): the student engine and its EMA teacher from one seed,
     the loss, and the schedules for the global batch of world_size ranks. Needs the process group (see
     esvit_scale.engine.distributed.init_distributed). The trainer builds the same parts around its resume logic."""
-    from esvit_scale.engine.student import accumulation_steps, build_student_engine, model_init_context
+    from esvit_scale.engine.student import accumulation_steps, build_student_engine
     from esvit_scale.engine.teacher import TeacherEMA
     from esvit_scale.losses.esvit_loss import EsViTLoss
-    from esvit_scale.models.esvit import EsViT
     from esvit_scale.schedules import build_schedules
 
     global_batch = cfg.data.batch_size_per_gpu * world_size * accumulation_steps(cfg, world_size)
-    torch.manual_seed(cfg.run.seed)
-    with model_init_context(cfg, world_size):
-        student = EsViT(cfg)
-    with model_init_context(cfg, world_size, teacher=True):
-        teacher = EsViT(cfg, is_teacher=True)
+    student, teacher = build_models(cfg, world_size)
     engine, optimizer = build_student_engine(cfg, student, world_size)
     ema = TeacherEMA(teacher, engine, cfg, world_size)
     ema.copy_from_student()

@@ -75,9 +75,8 @@ class Trainer:
         from esvit_scale import ops
         from esvit_scale.data.build import build_loader
         from esvit_scale.data.folder import index_folder
-        from esvit_scale.engine.student import accumulation_steps, model_init_context
+        from esvit_scale.engine.student import accumulation_steps
         from esvit_scale.losses.esvit_loss import EsViTLoss
-        from esvit_scale.models.esvit import EsViT
         from esvit_scale.schedules import build_schedules
 
         self.cfg = cfg
@@ -107,16 +106,9 @@ class Trainer:
 
         pause_point("build")
         self.loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim, accumulation=self.accum)
-
-        def build_models(whole: bool):
-            """Student and teacher from one seed: partitioned as they are built at ZeRO-3, unless `whole`."""
-            torch.manual_seed(cfg.run.seed)                   # identical initial weights on every rank
-            with contextlib.nullcontext() if whole else model_init_context(cfg, self.dist.world_size):
-                student = EsViT(cfg)
-            with contextlib.nullcontext() if whole else model_init_context(cfg, self.dist.world_size, teacher=True):
-                teacher = EsViT(cfg, is_teacher=True)
-            return student, teacher
-        start = start_run(cfg, self.dist, build_models, self.loss_fn)         # fresh, init_from or resume
+        from esvit_scale.step import build_models
+        start = start_run(cfg, self.dist, lambda whole: build_models(cfg, self.dist.world_size, whole),
+                          self.loss_fn)                                        # fresh, init_from or resume
         self.engine, self.optimizer, self.teacher = start.engine, start.optimizer, start.teacher
         self.state, self.checkpoints = start.state, start.checkpoints
         self.loss_fn.to(self.dist.device)
