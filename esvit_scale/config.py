@@ -106,8 +106,7 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = field(default=0, metadata=_choices(0, 1, 2, 3))
     # ZeRO-3 only: build student and teacher already partitioned (deepspeed.zero.Init), so that no rank ever holds
-    # a whole model (the ~0.65 B and ~3 B configs need it). Known limitation: a checkpoint of a model built this way
-    # does not yet resume at ZeRO stage 1 or 2 (another world size at stage 3 works).
+    # a whole model (the ~0.65 B and ~3 B configs set it). Off by default: smaller models start faster without it.
     zero_init: bool = False
     precision: str = field(default="bf16", metadata=_choices("fp32", "fp16", "bf16"))
     grad_accum_steps: int = 1

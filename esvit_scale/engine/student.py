@@ -71,7 +71,8 @@ def parameter_groups(model: nn.Module) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (name.endswith(".bias") or p.ndim <= 1 or name.endswith("weight_g"))
+        dims = len(getattr(p, "ds_shape", p.shape))      # built under zero.Init, p itself is an empty 1-D shard
+        decay = not (name.endswith(".bias") or dims <= 1 or name.endswith("weight_g"))
         groups.setdefault((decay, name in last), []).append(p)
     return [{"params": ps, "apply_weight_decay": decay, "is_last_layer": is_last, "weight_decay": 0.0}
             for (decay, is_last), ps in sorted(groups.items())]
