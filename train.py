@@ -62,4 +62,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    import logging
+    import os
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written and closed. Skip the interpreter's teardown: a finished 2-rank run now and then died
+    # there with SIGABRT ("terminate called without an active exception", a C++ thread object destroyed while
+    # still running), so that torchrun and SLURM reported a run that had saved everything as failed.
+    os._exit(code)
