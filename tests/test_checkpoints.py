@@ -171,19 +171,26 @@ def test_layout_check_stops_what_cannot_be_honoured():
 SLOW = pytest.mark.slow        # the default suite keeps one case of each path
 
 
-@pytest.mark.parametrize("stages, ranks", [
-    ((0, 0), (2, 1)), pytest.param((0, 0), (1, 2), marks=SLOW), pytest.param((2, 2), (2, 1), marks=SLOW),
-    pytest.param((2, 2), (1, 2), marks=SLOW), ((3, 3), (2, 1)), ((3, 3), (1, 2)), ((2, 3), (2, 2)),
-    ((3, 2), (2, 1))], ids=["z0_2to1", "z0_1to2", "z2_2to1", "z2_1to2", "z3_2to1", "z3_1to2", "z2to3_2ranks",
-                            "z3to2_2to1"])
+def case(name, stages, ranks, zero_init=False, slow=False):
+    return pytest.param(stages, ranks, zero_init, id=name, marks=[SLOW] if slow else [])
+
+
+@pytest.mark.parametrize("stages, ranks, zero_init", [
+    case("z0_2to1", (0, 0), (2, 1)), case("z0_1to2", (0, 0), (1, 2), slow=True),
+    case("z2_2to1", (2, 2), (2, 1), slow=True), case("z2_1to2", (2, 2), (1, 2), slow=True),
+    case("z3_2to1", (3, 3), (2, 1)), case("z3_1to2", (3, 3), (1, 2)), case("z2to3_2ranks", (2, 3), (2, 2)),
+    case("z3to2_2to1", (3, 2), (2, 1), slow=True),
+    case("z3to2_2to1_zero_init", (3, 2), (2, 1), zero_init=True)])          # built partitioned by zero.Init
 def test_resume_on_another_world_size_or_stage_gives_the_losses_of_the_same_global_batch(stages, ranks, image_folder,
-                                                                                       tmp_path):
+                                                                                       zero_init, tmp_path):
     """Global batch 8 as 2 ranks x 1 micro-batch or 1 rank x 2 accumulated ones (drop-path off): the same samples
     per step and the centres moved once per step, so the resumed losses are those of the uninterrupted run. At
-    ZeRO 1-3 (and across them) through a universal copy made next to the checkpoint, which stays as it was."""
+    ZeRO 1-3 (and across them) through a universal copy made next to the checkpoint, which stays as it was. What
+    the new layout restores (student, AdamW moments, teacher, centres, position) equals what the writing layout
+    restores from the same checkpoint."""
     from esvit_scale.checkpoint.manifest import find_problems, read_marker
     opts = {"deepspeed.global_batch_size": 8, "model.drop_path_rate": 0.0, "run.max_steps": 4,
-            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5}
+            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5, "deepspeed.zero_init": str(zero_init).lower()}
 
     def run(nproc, out, stage):
         args = CONFIG + tiny_overrides(image_folder, out, **opts, **{"deepspeed.zero_stage": stage})
@@ -192,8 +199,12 @@ def test_resume_on_another_world_size_or_stage_gives_the_losses_of_the_same_glob
     before, after = ranks
     run(before, tmp_path / "full", stages[0])
     uninterrupted = read_losses(tmp_path / "full")
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full" / "checkpoints" / tag(2), resumed / "checkpoints" / tag(2))
+    resumed, reference = tmp_path / "resumed", tmp_path / "reference"
+    for out in (resumed, reference):
+        shutil.copytree(tmp_path / "full" / "checkpoints" / tag(2), out / "checkpoints" / tag(2))
+    original = dump_restored_state(before, reference, stages[0], opts, image_folder)
+    converted = dump_restored_state(after, resumed, stages[1], opts, image_folder)
+    assert_same_state(converted, original)
     proc = run(after, resumed, stages[1])
     assert f"written by {before} ranks" in proc.stderr and "the same global batch of 8" in proc.stderr
     losses = read_losses(resumed)
@@ -203,6 +214,26 @@ def test_resume_on_another_world_size_or_stage_gives_the_losses_of_the_same_glob
     original = resumed / "checkpoints" / tag(2)
     assert find_problems(original, read_marker(original)) == []
     assert (resumed / "checkpoints" / (tag(2) + "_universal")).is_dir() == (stages[1] > 0)
+
+
+def dump_restored_state(nproc, out, stage, opts, image_folder):
+    """What a run restores from its checkpoint (no step taken), gathered to full fp32 tensors."""
+    args = ["tests/scripts/dump_restored_state.py", str(out / "state.pt")]
+    args += tiny_overrides(image_folder, out, **opts, **{"deepspeed.zero_stage": stage})
+    torchrun(args) if nproc == 2 else run_command([PYTHON, *args])
+    return torch.load(out / "state.pt", weights_only=True)
+
+
+def assert_same_state(got, want):
+    """Student, AdamW moments and step, teacher, centres and position equal, to fp32 tolerance."""
+    assert got["position"] == want["position"] and got["adam_step"] == want["adam_step"]
+    for part in ("student", "exp_avg", "exp_avg_sq", "teacher", "centres"):
+        assert got[part].keys() == want[part].keys(), part
+        held = [n for n, v in want[part].items() if v is not None]
+        assert held and [n for n, v in got[part].items() if v is not None] == held, part
+        for name in held:
+            torch.testing.assert_close(got[part][name], want[part][name], rtol=1e-6, atol=1e-7, msg=f"{part} {name}")
+    assert any(v.abs().sum() > 0 for v in want["exp_avg"].values() if v is not None)   # a real optimizer state
 
 
 def test_centres_move_once_per_optimizer_step_over_the_accumulated_batch():
@@ -297,6 +328,29 @@ def test_save_onto_a_full_disk_names_the_file_and_enospc_and_the_previous_checkp
     proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **opts))
     assert f"resuming from {out / 'checkpoints' / tag(1)}" in proc.stderr
     assert sorted(read_losses(out)) == [1, 2]
+
+
+@pytest.mark.parametrize("small_disk", ["45M"], indirect=True)
+def test_universal_copy_onto_a_full_disk_stops_with_enospc_and_leaves_the_checkpoint(small_disk, image_folder,
+                                                                                       tmp_path):
+    """Room for the ZeRO-2 checkpoint (~29 MB) but not for its universal copy: a resume at 1 rank stops on every
+    rank with ENOSPC and the copy's name, removes the partial copy, and resumes once there is room."""
+    from esvit_scale.checkpoint.manifest import find_problems, read_marker
+    out = small_disk / "run"
+    opts = {"deepspeed.global_batch_size": 8, "deepspeed.zero_stage": 2, "run.max_steps": 2,
+            "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 1}
+    torchrun(CONFIG + tiny_overrides(image_folder, out, **opts))
+    resume = [PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **{**opts, "run.max_steps": 3})]
+    proc = run_command(resume, check=False)
+    copy = out / "checkpoints" / (tag(2) + "_universal")
+    assert proc.returncode != 0
+    assert f"could not write {copy}" in proc.stderr and "ENOSPC" in proc.stderr, proc.stderr[-3000:]
+    assert not copy.exists()
+    original = out / "checkpoints" / tag(2)
+    assert find_problems(original, read_marker(original)) == []
+    subprocess.run(["mount", "-o", "remount,size=200M", str(small_disk)], check=True)
+    run_command(resume)
+    assert sorted(read_losses(out)) == [1, 2, 3]
 
 
 def test_zero3_save_writes_teacher_shards_without_gathering(image_folder, tmp_path):

@@ -97,6 +97,22 @@ def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
+def describe_write_error(e: BaseException, folder: Path) -> str:
+    """Why a write failed, with its errno where one can be found. A path given to torch.save (DeepSpeed's own
+    writers) loses the errno, so a full file system is then recognised by its free space."""
+    import shutil
+    cause = _os_error(e)
+    if cause is not None:
+        return f"{cause} ({errno.errorcode.get(cause.errno, '?')})"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} (ENOSPC, {free} bytes free in {folder}): {e}"
+    return str(e)
+
+
 def load_file(path: Path, map_location="cpu"):
     """torch.load with weights_only=True; a file holding anything else is refused, not unpickled."""
     path = Path(path)

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from esvit_scale.checkpoint.files import (CheckpointError, load_file, safe_torch_load, set_rng_state,
-                                          use_safe_checkpoint_engine)
+from esvit_scale.checkpoint.files import (CheckpointError, describe_write_error, load_file, safe_torch_load,
+                                          save_file, set_rng_state, use_safe_checkpoint_engine)
 from esvit_scale.checkpoint.manifest import find_problems, read_marker
 from esvit_scale.checkpoint.store import CheckpointStore
 from esvit_scale.cluster.faults import pause_point
@@ -183,21 +183,21 @@ def _loadable_at_any_stage(out: Path, shapes: dict[str, tuple]) -> None:
     step = steps[0] if steps else state["optimizer_state_dict"]["state"][0]["step"]
     state.setdefault("ds_version", deepspeed.__version__)
     state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": state["param_groups"]})
-    torch.save(state, zero / "optimizer_state.pt")
+    save_file(state, zero / "optimizer_state.pt")
     for name, shape in shapes.items():
         folder = zero / name
         if not folder.is_dir():                     # a frozen parameter: no optimizer state
             continue
         if not (folder / "step.pt").is_file():
-            torch.save(step, folder / "step.pt")
+            save_file(step, folder / "step.pt")
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             if not (folder / f"{key}.pt").is_file():
                 continue
             saved = load_file(folder / f"{key}.pt")
             tensor = saved["param"] if isinstance(saved, dict) else saved
             if not isinstance(saved, dict) or tensor.shape != torch.Size(shape):
-                torch.save({**(saved if isinstance(saved, dict) else {}), "param": tensor.reshape(shape)},
-                           folder / f"{key}.pt")
+                save_file({**(saved if isinstance(saved, dict) else {}), "param": tensor.reshape(shape)},
+                          folder / f"{key}.pt")
 
 
 UNIVERSAL_SUFFIX = "_universal"
@@ -209,25 +209,42 @@ def universal_copy(path: Path, shapes: dict[str, tuple]) -> Path:
     converted once by rank 0 into `<tag>_universal` next to it; the original is never modified."""
     import torch.distributed as dist
     out = path.with_name(path.name + UNIVERSAL_SUFFIX)
+    error = None
     if (not dist.is_initialized() or dist.get_rank() == 0) and not (out / CONVERTED).is_file():
-        import shutil
-        from deepspeed.checkpoint import ds_to_universal
-        shutil.rmtree(out, ignore_errors=True)
-        log.info("converting %s to a universal checkpoint in %s", path, out)
-        import sys
-        argv, sys.argv = sys.argv, ["ds_to_universal", "--input_folder", str(path), "--output_folder", str(out),
-                                    "--inject_missing_state", "--num_extract_workers", "1",
-                                    "--num_merge_workers", "1"]
-        try:                               # its only interface is a command line
-            with safe_torch_load():
-                ds_to_universal.main(ds_to_universal.parse_arguments())
-        finally:
-            sys.argv = argv
+        error = _convert_to_universal(path, out, shapes)
+    if dist.is_initialized():              # every rank stops with rank 0's error, none waits for it
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise CheckpointError(error)
+    return out
+
+
+def _convert_to_universal(path: Path, out: Path, shapes: dict[str, tuple]) -> Optional[str]:
+    """Write the universal copy of `path` into `out`; on failure remove the partial copy and return why."""
+    import shutil
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+    shutil.rmtree(out, ignore_errors=True)
+    log.info("converting %s to a universal checkpoint in %s", path, out)
+    argv, sys.argv = sys.argv, ["ds_to_universal", "--input_folder", str(path), "--output_folder", str(out),
+                                "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    try:                                   # its only interface is a command line
+        with safe_torch_load():
+            ds_to_universal.main(ds_to_universal.parse_arguments())
         _loadable_at_any_stage(out, shapes)
         (out / CONVERTED).write_text(path.name + "\n")
-    if dist.is_initialized():
-        dist.barrier()
-    return out
+        return None
+    except (OSError, RuntimeError) as e:
+        why = describe_write_error(e, out.parent)            # before the removal frees the space again
+        shutil.rmtree(out, ignore_errors=True)
+        return (f"could not write {out}, the universal copy of {path} that resumes it under another world size or "
+                f"ZeRO stage: {why}. The partial copy was removed; {path} is "
+                f"unchanged. Free space next to it (the copy is about as large as the checkpoint) and start again.")
+    finally:
+        sys.argv = argv
 
 
 # --------------------------------------------------------------------------- run.init_from
