@@ -74,6 +74,7 @@ setup(
         "tensorboard",
         "numpy",
         "pillow",
+        "matplotlib",            # the scaling plot (python -m esvit_scale.bench scaling)
         "scikit-learn",          # ships the quickstart's real images (its bundled digits)
     ],
     extras_require={
