@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_losses, tiny_overrides, torchrun
+from conftest import PYTHON, ROOT, read_losses, run_command, tiny_overrides, torchrun
 
 CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
 
@@ -130,3 +130,45 @@ def test_a_job_killed_at_its_time_limit_is_resumed_by_the_next_submission(image_
     assert info["JobState"] == "COMPLETED", job_log(out)[-4000:]
     assert f"resuming from {out / 'checkpoints' / complete[-1]}" in job_log(out)
     assert json.loads((out / "summary.json").read_text())["steps"] == newest + 3
+
+
+def test_throughput_sweep_array_writes_one_report_per_count_and_the_gather_plots_them(image_folder, tmp_path):
+    sweep = tmp_path / "sweep"
+    log = tmp_path / "sweep-%a.slurm.log"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", "--array=1,2%1", "--ntasks=2", "--ntasks-per-node=2",
+         "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00", "slurm/throughput_sweep.sbatch",
+         "configs/quickstart.yaml", "--warmup", "1", "--steps", "2", *tiny_overrides(image_folder, tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "ESVIT_SWEEP_UNIT": "tasks", "ESVIT_SWEEP_DIR": str(sweep), "ESVIT_PYTHON": PYTHON})
+    assert proc.returncode == 0, proc.stderr
+    array_id = proc.stdout.strip().split(";")[0]
+
+    def logs() -> str:
+        return "\n".join(p.read_text() for p in sorted(tmp_path.glob("sweep-*.slurm.log")))
+
+    def states() -> list[str]:
+        text = subprocess.run(["scontrol", "show", "job", "-o", array_id], capture_output=True, text=True).stdout
+        return re.findall(r"JobState=(\S+)", text)
+
+    ended = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY")
+    deadline = time.monotonic() + 600
+    while not (len(states()) == 2 and all(s in ended for s in states())):
+        assert time.monotonic() < deadline, f"the sweep's elements did not end: {states()}\n{logs()[-5000:]}"
+        time.sleep(1)
+    assert states() == ["COMPLETED", "COMPLETED"], logs()[-5000:]
+    reports = {p.name: json.loads(p.read_text()) for p in sweep.glob("*.json")}
+    assert set(reports) == {"n1.json", "n2.json"}, logs()[-5000:]
+    assert reports["n1.json"]["world_size"] == 1 and reports["n2.json"]["world_size"] == 2
+    assert all(r["global_batch"] == 4 * r["world_size"] and r["timed_steps"] == 2 for r in reports.values())
+
+    png, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    run_command([PYTHON, "-m", "esvit_scale.bench", "scaling", "--sweep", str(sweep), "--gpus", "1", "2", "4",
+                 "--png", str(png), "--json", str(out)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out.read_text())
+    assert [m["gpus"] for m in result["measured"]] == [1, 2]
+    assert result["base_report"] == str(sweep / "n1.json")
+    assert result["measured"][0]["efficiency"] == pytest.approx(1.0)
+    one = [p for p in result["predictions"] if p["gpus"] == 1]
+    assert one and all(p["images_per_s"] == pytest.approx(reports["n1.json"]["images_per_s"]) for p in one)
