@@ -50,7 +50,8 @@ def plot(result: dict, path: str) -> None:
     ax_eff.set_ylabel("scaling efficiency (images/s / (N x one GPU's))")
     ax_eff.set_ylim(0, 1.05)
     ax_eff.legend(fontsize=7, loc="lower left")
-    kind = "predicted compute" if result["predicted_compute"] else "measured compute"
+    kind = ("lines predicted; one GPU's compute predicted from counted FLOPs" if result["predicted_compute"]
+            else "lines predicted from one device's measured step")
     fig.suptitle(f"EsViT {result['arch']} ({result['parameters'] / 1e6:.1f} M parameters, {result['precision']}), "
                  f"{kind}; overlap {result['overlap']:g}, NVLink {result['intra_gbytes_s']:g} GB/s, "
                  f"{result['gpus_per_node']} GPUs/node", fontsize=10)
