@@ -74,6 +74,12 @@ class DataConfig:
     local_crops_size: list[int] = field(default_factory=lambda: [96])
     local_crops_number: list[int] = field(default_factory=lambda: [8])
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # The paper's photometric augmentation, made adjustable for images it does not suit (e.g. digits, where a
+    # mirrored 2 is not a 2): probability of a horizontal flip (every crop), of solarisation (the second global
+    # crop), and the range of the Gaussian blur's sigma in pixels.
+    hflip_prob: float = 0.5
+    solarize_prob: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
@@ -319,6 +325,10 @@ def validate(cfg: Config) -> None:
     _validate_crop_geometry(cfg, need)
     for key, s in [("data.global_crops_scale", d.global_crops_scale), ("data.local_crops_scale", d.local_crops_scale)]:
         need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, key, f"must be [min, max] with 0 < min <= max <= 1, got {s}")
+    for key, v in [("data.hflip_prob", d.hflip_prob), ("data.solarize_prob", d.solarize_prob)]:
+        need(0 <= v <= 1, key, f"must be a probability in [0, 1], got {v}")
+    need(len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1], "data.blur_sigma",
+         f"must be [min, max] pixels with 0 < min <= max, got {d.blur_sigma}")
     for key, v in [("loss.student_temp", l.student_temp), ("loss.teacher_temp", l.teacher_temp),
                    ("loss.warmup_teacher_temp", l.warmup_teacher_temp), ("loss.pair_factor", l.pair_factor),
                    ("optim.base_lr", o.base_lr), ("eval.knn_temperature", e.knn_temperature)]:

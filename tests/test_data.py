@@ -26,6 +26,29 @@ def test_crop_shapes_dtypes_order(image_folder):
     assert [s.solarize_prob for s in specs] == [0, 0.2, 0, 0, 0] and specs[0].blur_prob == 1.0
 
 
+def test_augmentation_keys_reach_both_pipelines_draws():
+    """data.hflip_prob / solarize_prob / blur_sigma shape the crops of the PIL pipeline and the DALI parameter rows
+    alike, and leave the sequence of random draws as it was (a resume stays exact)."""
+    import random
+
+    from esvit_scale.data import dali_params
+    specs = crop_specs(data_cfg(**{"data.hflip_prob": 0.0, "data.solarize_prob": 0.0, "data.blur_sigma": "[0.5,0.6]"}))
+    assert all(s.flip_prob == 0 and s.solarize_prob == 0 and s.blur_sigma == (0.5, 0.6) for s in specs)
+    plain = crop_specs(data_cfg())
+    rows = [dali_params.draw_crop(64, 64, spec, random.Random(i)) for i in range(200) for spec in specs]
+    roi = np.array([r[dali_params.ROI] for r in rows])
+    assert (roi[:, 1] < roi[:, 3]).all()                                  # x0 < x1: never flipped
+    assert not any(r[dali_params.SOLARIZE] for r in rows)
+    sigmas = [r[dali_params.SIGMA] for r in rows if r[dali_params.BLUR]]
+    assert sigmas and all(0.5 <= s <= 0.6 for s in sigmas)
+    default_roi = np.array([dali_params.draw_crop(64, 64, spec, random.Random(i))[dali_params.ROI]
+                            for i in range(200) for spec in plain])
+    assert (default_roi[:, 1] > default_roi[:, 3]).any()                  # the default flips some
+    same_rng, other = random.Random(7), random.Random(7)                  # as many draws whatever the settings
+    dali_params.draw_crop(64, 64, specs[1], same_rng), dali_params.draw_crop(64, 64, plain[1], other)
+    assert same_rng.random() == other.random()
+
+
 def test_sharding_disjoint_complete_and_drop_last():
     order = [ShardedOrder(50, batch_size=4, rank=r, world_size=2, seed=3) for r in range(2)]
     a, b = order[0].indices(5), order[1].indices(5)

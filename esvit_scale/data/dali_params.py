@@ -19,7 +19,7 @@ import random
 
 import numpy as np
 
-from esvit_scale.data.multicrop import (BLUR_SIGMA, CROP_RATIO, FLIP_PROB, GRAYSCALE_PROB, JITTER_PROB,
+from esvit_scale.data.multicrop import (CROP_RATIO, GRAYSCALE_PROB, JITTER_PROB,
                                         CropSpec)
 from esvit_scale.data.transforms import draw_jitter, random_resized_box
 
@@ -84,7 +84,7 @@ def draw_crop(width: int, height: int, spec: CropSpec, rng: random.Random) -> np
     """One crop's parameter row, consuming `rng` exactly as transforms.augment_crop does."""
     row = np.zeros(NUM_PARAMS, np.float64)
     top, left, h, w = random_resized_box(width, height, spec.scale, CROP_RATIO, rng)
-    flip = rng.random() < FLIP_PROB
+    flip = rng.random() < spec.flip_prob
     row[ROI] = (top, left + w, top + h, left) if flip else (top, left, top + h, left + w)
     colour = ColourState()
     if rng.random() < JITTER_PROB:
@@ -97,7 +97,7 @@ def draw_crop(width: int, height: int, spec: CropSpec, rng: random.Random) -> np
     row[A], row[B] = colour.A.ravel(), colour.b
     row[V], row[W], row[COLOUR] = colour.v, colour.w, float(colour.touched)
     if rng.random() < spec.blur_prob:
-        row[BLUR], row[SIGMA] = 1.0, rng.uniform(*BLUR_SIGMA)
+        row[BLUR], row[SIGMA] = 1.0, rng.uniform(*spec.blur_sigma)
     if rng.random() < spec.solarize_prob:
         row[SOLARIZE] = 1.0
     return row

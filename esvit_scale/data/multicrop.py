@@ -15,11 +15,9 @@ from esvit_scale.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FLIP_PROB = 0.5
 JITTER_PROB = 0.8
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 GRAYSCALE_PROB = 0.2
-BLUR_SIGMA = (0.1, 2.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 SOLARIZE_THRESHOLD = 128
 
@@ -30,15 +28,17 @@ class CropSpec:
     scale: tuple[float, float]
     blur_prob: float
     solarize_prob: float
+    flip_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
 
 def crop_specs(data: DataConfig) -> list[CropSpec]:
     """The per-crop augmentation of the reference: 2 global crops, then the local crops by size group."""
-    g = data.global_crops_size
-    specs = [CropSpec(g, tuple(data.global_crops_scale), blur_prob=1.0, solarize_prob=0.0),
-             CropSpec(g, tuple(data.global_crops_scale), blur_prob=0.1, solarize_prob=0.2)]
+    g, common = data.global_crops_size, dict(flip_prob=data.hflip_prob, blur_sigma=tuple(data.blur_sigma))
+    specs = [CropSpec(g, tuple(data.global_crops_scale), blur_prob=1.0, solarize_prob=0.0, **common),
+             CropSpec(g, tuple(data.global_crops_scale), blur_prob=0.1, solarize_prob=data.solarize_prob, **common)]
     for size, number in zip(data.local_crops_size, data.local_crops_number):
-        specs += [CropSpec(size, tuple(data.local_crops_scale), blur_prob=0.5, solarize_prob=0.0)] * number
+        specs += [CropSpec(size, tuple(data.local_crops_scale), blur_prob=0.5, solarize_prob=0.0, **common)] * number
     return specs
 
 

@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from esvit_scale.data.multicrop import (BLUR_SIGMA, CROP_RATIO, FLIP_PROB, GRAYSCALE_PROB, IMAGENET_MEAN,
+from esvit_scale.data.multicrop import (CROP_RATIO, GRAYSCALE_PROB, IMAGENET_MEAN,
                                         IMAGENET_STD, JITTER, JITTER_PROB, SOLARIZE_THRESHOLD, CropSpec)
 
 
@@ -63,14 +63,14 @@ def augment_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> torch.
     top, left, h, w = random_resized_box(img.width, img.height, spec.scale, CROP_RATIO, rng)
     crop = TF.resized_crop(img, top, left, h, w, [spec.size, spec.size],
                            interpolation=TF.InterpolationMode.BICUBIC)
-    if rng.random() < FLIP_PROB:
+    if rng.random() < spec.flip_prob:
         crop = TF.hflip(crop)
     if rng.random() < JITTER_PROB:
         crop = color_jitter(crop, rng)
     if rng.random() < GRAYSCALE_PROB:
         crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
     if rng.random() < spec.blur_prob:
-        crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*BLUR_SIGMA)))
+        crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*spec.blur_sigma)))
     if rng.random() < spec.solarize_prob:
         crop = ImageOps.solarize(crop, threshold=SOLARIZE_THRESHOLD)
     return TF.normalize(TF.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD)
