@@ -2,19 +2,33 @@
 fits, and the largest micro-batch that fits.
 
     python -m esvit_scale.bench plan --config configs/swin_large.yaml --gpus 64 --gpu-mem 80 [--json PATH]
+    python -m esvit_scale.bench plan --config configs/quickstart.yaml --gpus 2 --gpu-mem 24 --device cpu
 
-Terms per device, P = student parameters, N = devices, w = bytes of the training dtype (2 for bf16/fp16, 4 fp32):
+Terms per device, P = student parameters, N = devices, w = bytes of the training dtype (2 for bf16/fp16, 4 fp32),
+B = DeepSpeed's bucket (deepspeed.bucket_elements, else its defaults: reduce 5e8, live 1e9, prefetch 5e7 elements):
     params      w P, / N at ZeRO-3                     the student's working copy
-    grads       w P, / N from ZeRO-2; mixed precision adds fp32 gradients 4 P, / N from ZeRO-1
-    optimizer   Adam's two fp32 moments 8 P, + fp32 master weights 4 P in mixed precision; / N from ZeRO-1
+    grads       w P, / N from ZeRO-2 (ZeRO-3: the flat gradient partition); mixed precision adds fp32 gradients
+                4 P, / N from ZeRO-1
+    optimizer   Adam's two fp32 moments 8 P, / N from ZeRO-1, + fp32 master weights 4 P / N in mixed precision
+                (ZeRO 0: 4 P) and at ZeRO-1/2 in fp32 too (DeepSpeed clones the flat partition there; ZeRO-3 in fp32
+                steps the partition itself)
     teacher     fp32 4 P, / N at ZeRO-3 (the EMA teacher is partitioned like the student, esvit_scale/engine)
-    buckets     DeepSpeed's communication buffers: min(P, bucket) w from ZeRO-2, + the live gathered parameters at
-                ZeRO-3 (min(P, max live) w)
-    activations what the student's forward keeps for backward at the micro-batch (counted exactly: the step runs on
-                the meta device with a saved-tensor hook that adds up every tensor autograd keeps), with activation
-                checkpointing the stage inputs kept plus one block recomputed at a time
-    runtime     CPU: the process's resident size before any model (Python, torch, DeepSpeed), measured; GPU: 0
+    buckets     DeepSpeed's buffers: the reduce bucket w min(P, B) from ZeRO-2; at ZeRO-3 also the gathered
+                parameters, live w min(P, B) and prefetched w min(P, B)
+    activations what the student's forward and the loss keep for backward at the micro-batch (counted exactly: the
+                step runs on the meta device with a saved-tensor hook that adds up every tensor autograd keeps), plus
+                the teacher's outputs (held through the student's step); with activation checkpointing the stage
+                inputs kept plus one block recomputed at a time
+    heap        CPU, ZeRO-3 only: every rank materialises each full parameter in turn (gathered for the teacher
+                forward, the student forward and backward, then released); these pieces (< 32 MiB) come from glibc's
+                heap, which keeps the freed chunks, so the heap grows by about one full student and teacher,
+                w P + 4 P (measured, as peak RSS with and without MALLOC_MMAP_THRESHOLD_=131072, which makes glibc
+                return them: 0.33 GiB for Swin-T's 40.6 M parameters in fp32 on 2 ranks; this term: 0.30 GiB)
+    runtime     CPU: the peak resident size of the real step (bench step) on a model of negligible size at the same
+                ZeRO stage and rank count (<= 2), measured: Python, torch, timm, DeepSpeed's engine and communication,
+                our kernels (~0.86 GiB at ZeRO 0 on 1 rank, ~0.93 GiB at ZeRO 3 on 2 ranks); GPU: 0
                 (max_memory_allocated does not see the CUDA context, ~0.5-1 GiB more)
+The CPU total is checked against the peak RSS that `bench step` measures (tests/test_plan.py, docs/performance.md).
 """
 from __future__ import annotations
 
@@ -28,6 +42,7 @@ from esvit_scale.config import Config, load_config
 STAGES = (0, 1, 2, 3)
 DS_DEFAULT_BUCKET = int(5e8)          # DeepSpeed's reduce_bucket_size
 DS_DEFAULT_LIVE = int(1e9)            # stage3_max_live_parameters
+DS_DEFAULT_PREFETCH = int(5e7)        # stage3_prefetch_bucket_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=8, help="devices the run is spread over")
     parser.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one device, GiB")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                        help="cpu: add this process's measured runtime (Python, torch, DeepSpeed) to every plan")
+                        help="cpu: plan CPU processes: add the measured runtime (a real step of a negligible model, "
+                             "~40 s) and glibc's heap term")
     parser.add_argument("--json", help="write the plan here")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
 
@@ -64,9 +80,24 @@ def activation_bytes(cfg: Config, batch: int, checkpointing: bool) -> int:
         teacher_out = teacher([c.float() for c in crops[:2]])
     with torch.random.fork_rng(devices=[]):
         _, kept = saved_bytes(lambda: loss_fn(student(crops), teacher_out, cfg.loss.teacher_temp))
+    kept += _storage_bytes(teacher_out)
     if checkpointing:
         kept += _largest_block_bytes(cfg, batch, dtype)
     return kept
+
+
+def _storage_bytes(out) -> int:
+    """Bytes of the distinct storages behind the tensors of a model output (lists, tuples, dataclasses)."""
+    tensors, todo = {}, [out]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            tensors[id(x.untyped_storage())] = x.untyped_storage().nbytes()
+        elif isinstance(x, (list, tuple)):
+            todo += list(x)
+        elif dataclasses.is_dataclass(x):
+            todo += [getattr(x, f.name) for f in dataclasses.fields(x)]
+    return sum(tensors.values())
 
 
 def _largest_block_bytes(cfg: Config, batch: int, dtype: torch.dtype) -> int:
@@ -102,67 +133,110 @@ def saved_bytes(fn):
     return out, sum(seen.values())
 
 
-def runtime_bytes() -> int:
-    """Resident size of this process now (after importing torch and DeepSpeed, before any model)."""
-    import deepspeed  # noqa: F401
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def static_bytes(cfg: Config, params: int, gpus: int, stage: int) -> dict[str, float]:
-    """The model-state terms of the module docstring, bytes per device."""
+def static_bytes(cfg: Config, params: int, gpus: int, stage: int, device: str = "gpu") -> dict[str, float]:
+    """The model-state terms of the module docstring, bytes per device (`heap` only on the CPU)."""
     w = 4 if cfg.deepspeed.precision == "fp32" else 2
     mixed = w == 2
-    n = gpus
-    bucket = cfg.deepspeed.bucket_elements or DS_DEFAULT_BUCKET
-    live = cfg.deepspeed.bucket_elements or DS_DEFAULT_LIVE
+    n, P = gpus, params
+    bucket = min(P, cfg.deepspeed.bucket_elements or DS_DEFAULT_BUCKET)
+    live = min(P, cfg.deepspeed.bucket_elements or DS_DEFAULT_LIVE)
+    prefetch = min(P, cfg.deepspeed.bucket_elements or DS_DEFAULT_PREFETCH)
+    master = 4 * P / (n if stage >= 1 else 1) if (mixed or stage in (1, 2)) else 0
+    gathered = w * (live + prefetch) if stage == 3 else 0
     return {
-        "params": w * params / (n if stage == 3 else 1),
-        "grads": w * params / (n if stage >= 2 else 1) + (4 * params / (n if stage >= 1 else 1) if mixed else 0),
-        "optimizer": (8 + (4 if mixed else 0)) * params / (n if stage >= 1 else 1),
-        "teacher": 4 * params / (n if stage == 3 else 1),
-        "buckets": (w * min(params, bucket) if stage >= 2 else 0) + (w * min(params, live) if stage == 3 else 0),
+        "params": w * P / (n if stage == 3 else 1),
+        "grads": w * P / (n if stage >= 2 else 1) + (4 * P / (n if stage >= 1 else 1) if mixed else 0),
+        "optimizer": 8 * P / (n if stage >= 1 else 1) + master,
+        "teacher": 4 * P / (n if stage == 3 else 1),
+        "buckets": (w * bucket if stage >= 2 else 0) + gathered,
+        "heap": (w + 4) * P if stage == 3 and device == "cpu" else 0,
     }
 
 
-def plan(cfg: Config, gpus: int, gpu_mem_gib: float, runtime: int = 0) -> dict:
+def measured_runtime_bytes(stage: int, ranks: int) -> int:
+    """Peak RSS of `bench step` on a model of negligible size (swin_nano with 16-wide heads, one 32 px image, a few
+    thousand parameters) at this ZeRO stage on `ranks` processes (torchrun when > 1): what the CPU process holds
+    besides the plan's tensors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    overrides = ["model.arch=swin_nano", "model.window_size=4", "model.out_dim=16", "model.head_hidden_dim=16",
+                 "model.head_bottleneck_dim=16", "data.batch_size_per_gpu=1", "data.global_crops_size=32",
+                 "data.local_crops_size=[16]", "data.local_crops_number=[2]", "deepspeed.precision=fp32",
+                 "run.device=cpu", f"deepspeed.zero_stage={stage}"]
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", str(ranks), "--master_port", str(_free_port())]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "runtime.json")
+        cmd = [*launcher, "-m", "esvit_scale.bench", "step", "--config", "configs/quickstart.yaml", "--warmup", "1",
+               "--steps", "1", "--json", out, *overrides, f"run.output_dir={tmp}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"measuring the CPU runtime failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return int(json.load(f)["peak_memory_bytes"])
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_runtime(gpus: int) -> dict[int, int]:
+    """The measured runtime term per ZeRO stage: stage 0's run serves stages 0-2, stage 3 has its own."""
+    ranks = min(gpus, 2)
+    zero0, zero3 = measured_runtime_bytes(0, ranks), measured_runtime_bytes(3, ranks)
+    return {0: zero0, 1: zero0, 2: zero0, 3: zero3}
+
+
+def plan(cfg: Config, gpus: int, gpu_mem_gib: float, runtime: dict[int, int] | None = None) -> dict:
+    """The plan of every (ZeRO stage, checkpointing) setting. runtime: bytes per ZeRO stage of the CPU runtime
+    (cpu_runtime); given, the plan is for CPU processes (adds the heap term), else for GPUs."""
     params = parameter_count(cfg)
     batch = cfg.data.batch_size_per_gpu
+    device = "gpu" if runtime is None else "cpu"
     act = {ck: activation_bytes(cfg, batch, ck) for ck in (False, True)}
     act_per_image = {ck: activation_bytes(cfg, 1, ck) for ck in (False, True)}
     budget = gpu_mem_gib * 2**30
     settings = []
     for stage in STAGES:
-        static = static_bytes(cfg, params, gpus, stage)
+        static = static_bytes(cfg, params, gpus, stage, device)
+        rt = 0 if runtime is None else runtime[stage]
         for ck in (False, True):
-            total = sum(static.values()) + act[ck] + runtime
-            free = budget - sum(static.values()) - runtime
+            total = sum(static.values()) + act[ck] + rt
+            free = budget - sum(static.values()) - rt
             # activations grow linearly in the batch: the per-image figure, with the batch-1 constant removed
             per_image = max(act[ck] - act_per_image[ck], 1) / max(batch - 1, 1) if batch > 1 else act_per_image[ck]
             base = act_per_image[ck] - per_image
             max_batch = int((free - base) // per_image) if free > base else 0
             settings.append({"zero_stage": stage, "activation_checkpointing": ck, **static,
-                             "activations": act[ck], "runtime": runtime, "total": total, "fits": total <= budget,
+                             "activations": act[ck], "runtime": rt, "total": total, "fits": total <= budget,
                              "max_micro_batch": max(max_batch, 0)})
     return {"config_arch": cfg.model.arch, "parameters": params, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib,
-            "micro_batch": batch, "precision": cfg.deepspeed.precision, "settings": settings}
+            "micro_batch": batch, "precision": cfg.deepspeed.precision, "device": device, "settings": settings}
+
+
+def setting(result: dict, zero_stage: int, activation_checkpointing: bool) -> dict:
+    return next(s for s in result["settings"] if s["zero_stage"] == zero_stage
+                and s["activation_checkpointing"] == activation_checkpointing)
 
 
 def run(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    runtime = runtime_bytes() if args.device == "cpu" else 0
+    runtime = cpu_runtime(args.gpus) if args.device == "cpu" else None
     result = plan(cfg, args.gpus, args.gpu_mem, runtime)
     gib = 2**30
     print(f"{args.config}: {result['config_arch']}, {result['parameters'] / 1e6:.1f} M parameters, "
           f"{cfg.deepspeed.precision}, micro-batch {result['micro_batch']}, {args.gpus} devices of {args.gpu_mem} GiB")
-    print(f"{'ZeRO':>4} {'ckpt':>5} {'params':>7} {'grads':>7} {'optim':>7} {'teacher':>7} {'buckets':>7} "
-          f"{'activ':>7} {'total':>7}  fits  max micro-batch   (GiB per device)")
+    terms = ("params", "grads", "optimizer", "teacher", "buckets", "activations", "heap", "runtime", "total")
+    print(f"{'ZeRO':>4} {'ckpt':>5} " + " ".join(f"{t[:7]:>7}" for t in terms)
+          + "  fits  max micro-batch   (GiB per device)")
     for s in result["settings"]:
         print(f"{s['zero_stage']:>4} {str(s['activation_checkpointing']):>5} " + " ".join(
-            f"{s[k] / gib:7.2f}" for k in ("params", "grads", "optimizer", "teacher", "buckets", "activations",
-                                            "total")) + f"  {'yes' if s['fits'] else 'no ':>4}  {s['max_micro_batch']}")
+            f"{s[k] / gib:7.2f}" for k in terms) + f"  {'yes' if s['fits'] else 'no ':>4}  {s['max_micro_batch']}")
     from esvit_scale.bench.report import write_json
     write_json({"config": args.config, "overrides": args.overrides, **result}, args.json)
