@@ -52,6 +52,9 @@ class ModelConfig:
     head_batchnorm: bool = False       # batch-normalised hidden layers in both heads (DINO's use_bn_in_head)
     # recompute each block's activations in backward: true/false for every stage, or one bool per stage
     activation_checkpointing: typing.Union[bool, list[bool]] = False
+    # torch.compile the backbone and the heads of the student and the teacher (nn.Module.compile: in place, the
+    # state_dict keys stay the same); see docs/performance.md for what it gains and where it is refused
+    compile: bool = False
 
 
 @dataclass
@@ -317,6 +320,10 @@ def validate(cfg: Config) -> None:
     need(all(s >= 1 for s in d.local_crops_size), "data.local_crops_size", f"sizes must be >= 1, got "
          f"{d.local_crops_size}")
     _validate_crop_geometry(cfg, need)
+    need(not (m.compile and ds.zero_stage == 3), "model.compile",
+         "is not supported with deepspeed.zero_stage=3: ZeRO-3 gathers each layer's parameters in hooks that break "
+         "the compiled graph at every block (it compiled for minutes and ran no faster); use stage 0, 1 or 2, or "
+         "model.compile=false")
     for key, s in [("data.global_crops_scale", d.global_crops_scale), ("data.local_crops_scale", d.local_crops_scale)]:
         need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, key, f"must be [min, max] with 0 < min <= max <= 1, got {s}")
     for key, v in [("loss.student_temp", l.student_temp), ("loss.teacher_temp", l.teacher_temp),

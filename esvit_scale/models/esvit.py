@@ -51,6 +51,13 @@ class EsViT(nn.Module):
         return MultiCropOutput(view_logits, region_logits if self.region_head is not None else None,
                                region_features)
 
+    def compile_parts(self) -> None:
+        """torch.compile the backbone and the heads in place (nn.Module.compile): parameter and state_dict names do not
+        change, and the crop grouping and the heads' chunking stay eager around them."""
+        for part in (self.backbone, self.view_head, self.region_head):
+            if part is not None:
+                part.compile()
+
 
 def last_layer_parameter_names(model: nn.Module) -> set[str]:
     """The heads' last layers, frozen during the first `optim.freeze_last_layer` epochs."""
