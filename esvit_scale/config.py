@@ -62,6 +62,9 @@ class KernelConfig:
     window_attention: bool = True      # fused window attention op in the backbone
     region_matching: bool = True       # fused argmax + matched cross-entropy in the region loss
     force_reference: bool = False      # use the pure-PyTorch reference of each op
+    # the backbone's LayerNorms as NVIDIA apex's FusedLayerNorm where apex is importable on a GPU (same parameter
+    # names); torch's LayerNorm elsewhere, with model.compile, or when false. Logged which.
+    apex_layer_norm: bool = True
     # vector instruction set of the CPU kernels; auto: $ESVIT_CPU_ISA if set, else the best the CPU has
     cpu_isa: str = field(default="auto", metadata=_choices("auto", "avx512", "avx2", "generic"))
 
