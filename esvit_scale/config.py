@@ -52,6 +52,9 @@ class ModelConfig:
     head_batchnorm: bool = False       # batch-normalised hidden layers in both heads (DINO's use_bn_in_head)
     # recompute each block's activations in backward: true/false for every stage, or one bool per stage
     activation_checkpointing: typing.Union[bool, list[bool]] = False
+    # torch.compile the backbone and the heads of the student and the teacher (nn.Module.compile: in place, the
+    # state_dict keys stay the same); see docs/performance.md for what it gains and where it is refused
+    compile: bool = False
 
 
 @dataclass
@@ -59,6 +62,9 @@ class KernelConfig:
     window_attention: bool = True      # fused window attention op in the backbone
     region_matching: bool = True       # fused argmax + matched cross-entropy in the region loss
     force_reference: bool = False      # use the pure-PyTorch reference of each op
+    # the backbone's LayerNorms as NVIDIA apex's FusedLayerNorm where apex is importable on a GPU (same parameter
+    # names); torch's LayerNorm elsewhere, with model.compile, or when false. Logged which.
+    apex_layer_norm: bool = True
     # vector instruction set of the CPU kernels; auto: $ESVIT_CPU_ISA if set, else the best the CPU has
     cpu_isa: str = field(default="auto", metadata=_choices("auto", "avx512", "avx2", "generic"))
 
@@ -323,6 +329,10 @@ def validate(cfg: Config) -> None:
     need(all(s >= 1 for s in d.local_crops_size), "data.local_crops_size", f"sizes must be >= 1, got "
          f"{d.local_crops_size}")
     _validate_crop_geometry(cfg, need)
+    need(not (m.compile and ds.zero_stage == 3), "model.compile",
+         "is not supported with deepspeed.zero_stage=3: ZeRO-3 gathers each layer's parameters in hooks that break "
+         "the compiled graph at every block (it compiled for minutes and ran no faster); use stage 0, 1 or 2, or "
+         "model.compile=false")
     for key, s in [("data.global_crops_scale", d.global_crops_scale), ("data.local_crops_scale", d.local_crops_scale)]:
         need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, key, f"must be [min, max] with 0 < min <= max <= 1, got {s}")
     for key, v in [("data.hflip_prob", d.hflip_prob), ("data.solarize_prob", d.solarize_prob)]:

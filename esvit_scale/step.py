@@ -13,10 +13,13 @@ so that the seconds belong to their phase; with timing off nothing is synchronis
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Iterable, Iterator, Optional
 
 import torch
+
+log = logging.getLogger("esvit_scale")
 
 PHASES = ("data_wait", "teacher_forward", "student_forward", "loss", "backward", "optimizer_step", "ema_update")
 
@@ -116,6 +119,10 @@ def build_models(cfg, world_size: int, whole: bool = False):
         student = EsViT(cfg)
     with contextlib.nullcontext() if whole else model_init_context(cfg, world_size, teacher=True):
         teacher = EsViT(cfg, is_teacher=True)
+    if cfg.model.compile:       # compiled on their first forward (and again for each new crop shape)
+        student.compile_parts()
+        teacher.compile_parts()
+        log.info("model.compile: backbone and heads of student and teacher compiled with torch.compile (inductor)")
     return student, teacher
 
 

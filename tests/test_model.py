@@ -2,6 +2,7 @@ import torch
 
 from esvit_scale.config import load_config
 from esvit_scale.models.esvit import EsViT
+from esvit_scale.models.swin import SwinBackbone
 
 
 def tiny_cfg(*extra):
@@ -59,3 +60,33 @@ def test_head_batchnorm_normalises_over_the_batch_and_leaves_the_keys_alone_when
     assert hidden.flatten(0, 1).mean(0).abs().max() < 1e-4 and bn.mlp[1].running_mean is None
     bn.eval()                                              # the teacher: still the batch's own statistics
     torch.testing.assert_close(bn.mlp[1](bn.mlp[0](x)), hidden)
+
+
+def test_backbone_layer_norm_is_torchs_without_a_gpu_and_says_so(caplog):
+    """apex's FusedLayerNorm is chosen only on a GPU with apex importable (not installable here); on the CPU the
+    backbone holds torch LayerNorms and the log names the choice and why."""
+    import logging
+
+    from esvit_scale.models import swin
+    swin._logged.clear()
+    cfg = load_config(None, ["model.arch=swin_nano", "model.window_size=4", "data.global_crops_size=32",
+                             "data.local_crops_size=[16]", "run.device=cpu"])
+    with caplog.at_level(logging.INFO, logger="esvit_scale"):
+        backbone = SwinBackbone(cfg.model, img_size=32, kernels=cfg.kernels, on_gpu=False)
+    norms = [m for m in backbone.modules() if "LayerNorm" in type(m).__name__]
+    assert norms and all(type(m) is torch.nn.LayerNorm for m in norms)
+    assert "backbone LayerNorm: torch LayerNorm (apex is for GPUs only)" in caplog.text
+    caplog.clear()
+    swin._logged.clear()
+    with caplog.at_level(logging.INFO, logger="esvit_scale"):   # a GPU run that says no to apex
+        SwinBackbone(cfg.model, img_size=32, kernels=load_config(None, ["kernels.apex_layer_norm=false"]).kernels,
+                     on_gpu=True)
+    assert "torch LayerNorm (kernels.apex_layer_norm=false)" in caplog.text
+    try:
+        import apex.normalization  # noqa: F401
+    except ImportError:            # a GPU run that would take apex, here where it is not installed: torch's, logged
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="esvit_scale"):
+            backbone = SwinBackbone(cfg.model, img_size=32, kernels=cfg.kernels, on_gpu=True)
+        assert "torch LayerNorm (apex not importable)" in caplog.text
+        assert any(type(m) is torch.nn.LayerNorm for m in backbone.modules())

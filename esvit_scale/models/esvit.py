@@ -29,8 +29,9 @@ class EsViT(nn.Module):
     def __init__(self, cfg: Config, is_teacher: bool = False):
         super().__init__()
         m = cfg.model
+        on_gpu = torch.cuda.is_available() and cfg.run.device != "cpu"     # where the engine will put the model
         self.backbone = SwinBackbone(m, img_size=cfg.data.global_crops_size,
-                                     drop_path_rate=0.0 if is_teacher else None, kernels=cfg.kernels)
+                                     drop_path_rate=0.0 if is_teacher else None, kernels=cfg.kernels, on_gpu=on_gpu)
         head = dict(in_dim=self.backbone.num_features, out_dim=m.out_dim, hidden_dim=m.head_hidden_dim,
                     bottleneck_dim=m.head_bottleneck_dim, norm_last_layer=m.norm_last_layer,
                     batchnorm=m.head_batchnorm)
@@ -50,6 +51,13 @@ class EsViT(nn.Module):
                 region_logits += consumable_chunks(self.region_head(region), n)
         return MultiCropOutput(view_logits, region_logits if self.region_head is not None else None,
                                region_features)
+
+    def compile_parts(self) -> None:
+        """torch.compile the backbone and the heads in place (nn.Module.compile): parameter and state_dict names do not
+        change, and the crop grouping and the heads' chunking stay eager around them."""
+        for part in (self.backbone, self.view_head, self.region_head):
+            if part is not None:
+                part.compile()
 
 
 def last_layer_parameter_names(model: nn.Module) -> set[str]:

@@ -31,6 +31,7 @@ try:
 except ImportError as e:  # not built: every op runs its reference
     _C = None
     _import_error = str(e)
+_BUILT_WITH_CUDA = _C is not None and _C.built_with_cuda()
 
 
 def extension():
@@ -46,7 +47,7 @@ def available() -> bool:
 
 
 def cuda_available() -> bool:
-    return _C is not None and _C.built_with_cuda()
+    return _BUILT_WITH_CUDA
 
 
 def configure(window_attention: bool = True, region_matching: bool = True, force_reference: bool = False,
@@ -85,13 +86,16 @@ def backend(op: str, x: torch.Tensor, use_kernel: bool = True) -> str:
     elif _C is None:
         choice, why = "reference", "esvit_scale._C is not built"
     elif x.is_cuda:
-        ok = _C.built_with_cuda() and x.dtype in CUDA_DTYPES
+        ok = _BUILT_WITH_CUDA and x.dtype in CUDA_DTYPES
         choice, why = ("cuda", "") if ok else ("reference", f"no CUDA kernel for {x.dtype} / CPU-only build")
     elif x.device.type == "cpu" and x.dtype in CPU_DTYPES:
-        choice, why = "cpu", _C.cpu_isa() if op in CPU_ISA_OPS else ""
+        choice, why = "cpu", ""          # + the instruction set, when logged
     else:
         choice, why = "reference", f"no kernel for {x.device.type} {x.dtype}"
-    if (op, choice) not in _logged:
+    # Under torch.compile (model.compile) the choice is made while tracing and becomes part of the graph; logging
+    # there would break the graph, so only eager calls log (the loss's ops run eagerly and still do).
+    if not torch.compiler.is_compiling() and (op, choice) not in _logged:
         _logged.add((op, choice))
+        why = _C.cpu_isa() if choice == "cpu" and op in CPU_ISA_OPS else why
         log.info("op %s uses the %s implementation%s", op, choice, f" ({why})" if why else "")
     return choice

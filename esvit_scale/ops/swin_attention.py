@@ -44,9 +44,9 @@ def window_layout(H: int, W: int, ws: tuple[int, int], shift: tuple[int, int], d
     def partition(t):                                                          # (Hp, Wp) -> (nW, N)
         return t.view(Hp // wh, wh, Wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
     gather = partition(src).reshape(-1)
-    scatter = torch.empty(H * W, dtype=torch.long)
-    is_real = gather < H * W
-    scatter[gather[is_real]] = torch.arange(gather.numel())[is_real]
+    # the inverse on real tokens; every padded token writes into one spare slot, dropped (no data-dependent shapes,
+    # so that torch.compile traces this into its graph: model.compile)
+    scatter = torch.zeros(H * W + 1, dtype=torch.long).scatter_(0, gather, torch.arange(gather.numel()))[:H * W]
     region = partition(lab).to(torch.int32)
     if not any(shift) and Hp == H and Wp == W:
         region = None
