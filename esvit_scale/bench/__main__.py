@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling} --json PATH`.
+"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling,allreduce} --json PATH`.
 
 Each subcommand lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "step": "esvit_scale.bench.step",         # the real step: images/s, MFU, memory, phase split
     "plan": "esvit_scale.bench.plan",         # memory per device by ZeRO stage; what fits
     "checkpoint": "esvit_scale.bench.checkpoint",   # training stall per save, synchronous vs asynchronous
+    "allreduce": "esvit_scale.bench.allreduce",     # the bus bandwidth of collectives between this node's ranks
     "scaling": "esvit_scale.bench.scaling",   # images/s and efficiency, 1-512 GPUs: predicted, and a sweep's points
 }
 

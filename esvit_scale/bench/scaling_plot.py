@@ -43,7 +43,7 @@ def plot(result: dict, path: str) -> None:
     for ax in (ax_rate, ax_eff):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [f"{n}\n({n * batch})" for n in ticks], fontsize=8)
-        ax.set_xlabel(f"GPUs (global batch at {batch} per GPU)")
+        ax.set_xlabel(f"devices (global batch at {batch} per device)")
         ax.grid(True, which="both", alpha=0.3)
     ax_rate.set_yscale("log")
     ax_rate.set_ylabel("images/s")
@@ -53,8 +53,8 @@ def plot(result: dict, path: str) -> None:
     kind = ("lines predicted; one GPU's compute predicted from counted FLOPs" if result["predicted_compute"]
             else "lines predicted from one device's measured step")
     fig.suptitle(f"EsViT {result['arch']} ({result['parameters'] / 1e6:.1f} M parameters, {result['precision']}), "
-                 f"{kind}; overlap {result['overlap']:g}, NVLink {result['intra_gbytes_s']:g} GB/s, "
-                 f"{result['gpus_per_node']} GPUs/node", fontsize=10)
+                 f"{kind}; overlap {result['overlap']:g}, within a node {result['intra_gbytes_s']:g} GB/s, "
+                 f"{result['gpus_per_node']} devices/node", fontsize=10)
     fig.text(0.5, 0.005, "compute: " + result["compute"]["source"], ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=120)
