@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import PYTHON, run_command, tiny_overrides
+from conftest import PYTHON, run_command, tiny_overrides, torchrun
 from esvit_scale.bench.scaling import (DEFAULT_GPUS, Compute, Network, communication_bytes, pass_seconds,
                                        predict)
 
@@ -123,3 +123,15 @@ def test_cli_predicts_gpu_compute_from_the_counted_flops(step_json, tmp_path):
     proc = run_command([PYTHON, "-m", "esvit_scale.bench", "scaling", "--step-json", str(step_json), "--gpu", "TPU"],
                        check=False)
     assert proc.returncode != 0 and "not in esvit_scale/bench/peak.py" in proc.stderr
+
+
+def test_allreduce_bench_reports_the_bus_bandwidth_of_two_ranks(tmp_path):
+    """The within-node rate for --intra-gbytes: a real gloo all-reduce between 2 ranks; 1 rank is refused."""
+    out = tmp_path / "ar.json"
+    torchrun(["-m", "esvit_scale.bench", "allreduce", "--mbytes", "4", "--iters", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["backend"] == "gloo" and result["bytes"] == 4_000_000
+    assert result["busbw_gbytes_s"] == pytest.approx(result["algbw_gbytes_s"], rel=1e-9)   # 2 (N-1)/N = 1 at N = 2
+    assert result["busbw_gbytes_s"] == pytest.approx(4e6 / result["seconds_median"] / 1e9)
+    proc = run_command([PYTHON, "-m", "esvit_scale.bench", "allreduce"], check=False)
+    assert proc.returncode != 0 and "needs at least 2 ranks" in proc.stderr
