@@ -34,12 +34,13 @@ def run(args) -> None:
     x = torch.ones(numel, dtype=torch.float32, device=info.device)
     for _ in range(2):
         dist.all_reduce(x)
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(args.iters):
-        _sync(info.device)
+        sync()
         start = time.perf_counter()
         dist.all_reduce(x)
-        _sync(info.device)
+        sync()
         times.append(time.perf_counter() - start)
     t = statistics.median(times)
     n, nbytes = info.world_size, numel * 4
@@ -53,9 +54,3 @@ def run(args) -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
     dist.destroy_process_group()
-
-
-def _sync(device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

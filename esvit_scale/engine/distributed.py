@@ -29,7 +29,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -61,7 +61,7 @@ def prepare_environment(device: str) -> None:
     if "RANK" not in os.environ:                       # a plain `python train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if "MASTER_ADDR" not in os.environ and slurm_node_count() > 1:
         raise RuntimeError("this job spans several nodes but MASTER_ADDR is not set, and the ranks were not started "
                            "by srun (whose node list would name the rendezvous host): set MASTER_ADDR to the first "
