@@ -71,7 +71,7 @@ class KernelConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None         # image folder; None: generate the quickstart folder
+    path: Optional[str] = None         # image folder; None: the quickstart's digits (trainer.quickstart_paths)
     loader: str = field(default="auto", metadata=_choices("auto", "dali", "torch"))
     batch_size_per_gpu: int = 32
     num_workers: int = 8
@@ -86,6 +86,9 @@ class DataConfig:
     hflip_prob: float = 0.5
     solarize_prob: float = 0.2
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Not in the paper: every crop turned by an angle drawn uniformly in [-d, d] degrees (corners black), for
+    # images whose class survives a small turn but not a mirror (handwriting). 0: off.
+    rotation_degrees: float = 0.0
 
 
 @dataclass
@@ -337,6 +340,7 @@ def validate(cfg: Config) -> None:
         need(len(s) == 2 and 0 < s[0] <= s[1] <= 1, key, f"must be [min, max] with 0 < min <= max <= 1, got {s}")
     for key, v in [("data.hflip_prob", d.hflip_prob), ("data.solarize_prob", d.solarize_prob)]:
         need(0 <= v <= 1, key, f"must be a probability in [0, 1], got {v}")
+    need(0 <= d.rotation_degrees <= 180, "data.rotation_degrees", f"must be in [0, 180], got {d.rotation_degrees}")
     need(len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1], "data.blur_sigma",
          f"must be [min, max] pixels with 0 < min <= max, got {d.blur_sigma}")
     for key, v in [("loss.student_temp", l.student_temp), ("loss.teacher_temp", l.teacher_temp),

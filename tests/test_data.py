@@ -49,6 +49,26 @@ def test_augmentation_keys_reach_both_pipelines_draws():
     assert same_rng.random() == other.random()
 
 
+
+def test_rotation_key_draws_angles_only_when_on():
+    """data.rotation_degrees: every crop gets an angle in [-d, d] (the DALI row's ANGLE column); off (0), no angle is
+    drawn, so the default configs draw exactly as before the key existed; out of range, the key is named."""
+    import random
+
+    from esvit_scale.config import ConfigError
+    from esvit_scale.data import dali_params
+    turned, plain = crop_specs(data_cfg(**{"data.rotation_degrees": 12})), crop_specs(data_cfg())
+    angles = [dali_params.draw_crop(64, 64, spec, random.Random(i))[dali_params.ANGLE]
+              for i in range(100) for spec in turned]
+    assert all(abs(a) <= 12 for a in angles) and max(angles) > 6 and min(angles) < -6
+    rng = random.Random(3)
+    assert not any(dali_params.draw_crop(64, 64, spec, rng)[dali_params.ANGLE] for spec in plain)
+    a, b = random.Random(5), random.Random(5)
+    dali_params.draw_crop(64, 64, turned[0], a), dali_params.draw_crop(64, 64, plain[0], b)
+    assert a.random() != b.random()                                   # one more draw per crop when on
+    with pytest.raises(ConfigError, match="data.rotation_degrees"):
+        data_cfg(**{"data.rotation_degrees": -5})
+
 def test_sharding_disjoint_complete_and_drop_last():
     order = [ShardedOrder(50, batch_size=4, rank=r, world_size=2, seed=3) for r in range(2)]
     a, b = order[0].indices(5), order[1].indices(5)

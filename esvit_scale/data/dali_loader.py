@@ -60,14 +60,18 @@ class DaliMultiCropLoader:
     def __init__(self, index: ImageIndex, data: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device_id: int | None = None, num_threads: int | None = None, plugin: bool | None = None):
         """`plugin`: run the CPU graph's crops in the esvit_multi_crop operator (dali_plugin); None: when it
-        builds and loads. Ignored on a GPU (device_id set)."""
+        builds and loads and the crops need nothing it lacks (rotation). Ignored on a GPU (device_id set)."""
         self.index, self.paths, self.seed = index, index.paths, seed
         self.specs = crop_specs(data)
         self.order = ShardedOrder(len(index), data.batch_size_per_gpu, rank, world_size, seed)
         self.batch_size = data.batch_size_per_gpu
         self.device_id = device_id
         self.num_threads = max(1, num_threads if num_threads is not None else data.num_workers)
-        self.plugin = device_id is None and plugin is not False and _plugin_loaded(required=bool(plugin))
+        rotated = any(s.rotation > 0 for s in self.specs)
+        if plugin and rotated:
+            raise ValueError("plugin=True: the esvit_multi_crop operator does not rotate; data.rotation_degrees "
+                             "needs the stock DALI operators (plugin=None or False)")
+        self.plugin = device_id is None and plugin is not False and not rotated and _plugin_loaded(bool(plugin))
         self.unusable: dict[int, str] = {}          # index -> reason, found while reading
         self.last_batch: BatchRecord | None = None  # the batch most recently yielded
         self._check_folder()

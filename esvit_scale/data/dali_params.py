@@ -1,7 +1,7 @@
 """Host-side random parameters of the DALI multi-crop pipeline, drawn exactly as the reference draws them.
 
-The DALI graph itself is deterministic: every random choice of a crop (window, flip, colour jitter, grayscale,
-blur, solarisation) is drawn here, in Python, with the same `random.Random(sample_seed(seed, epoch, index))`
+The DALI graph itself is deterministic: every random choice of a crop (window, flip, rotation, colour jitter,
+grayscale, blur, solarisation) is drawn here, in Python, with the same `random.Random(sample_seed(seed, epoch, index))`
 and the same sequence of draws as `transforms.augment_crop`. So a sample gets the same crop windows, flips and
 jitter factors from both loaders, whatever the number of threads, and after a mid-epoch resume.
 
@@ -40,7 +40,8 @@ COLOUR = 22                # 1.0 when any colour op applies (otherwise A = I and
 BLUR = 23                  # 1.0 when the crop is blurred
 SIGMA = 24
 SOLARIZE = 25
-NUM_PARAMS = 26
+ANGLE = 26                 # degrees, counter-clockwise; 0 when the spec has no rotation
+NUM_PARAMS = 27
 
 
 class ColourState:
@@ -86,6 +87,8 @@ def draw_crop(width: int, height: int, spec: CropSpec, rng: random.Random) -> np
     top, left, h, w = random_resized_box(width, height, spec.scale, CROP_RATIO, rng)
     flip = rng.random() < spec.flip_prob
     row[ROI] = (top, left + w, top + h, left) if flip else (top, left, top + h, left + w)
+    if spec.rotation > 0:
+        row[ANGLE] = rng.uniform(-spec.rotation, spec.rotation)
     colour = ColourState()
     if rng.random() < JITTER_PROB:
         factors, order = draw_jitter(rng)

@@ -1,10 +1,10 @@
 """The DALI multi-crop graph: decode each image once, then per crop: a bicubic resized crop of the window
-(flipped by swapping the window's x ends), the composed colour map, a Gaussian blur, solarisation, and
-normalisation to CHW float32.
+(flipped by swapping the window's x ends), a rotation where configured, the composed colour map, a Gaussian
+blur, solarisation, and normalisation to CHW float32.
 
 On the CPU, when the plugin is available (dali_plugin), all per-crop steps run in one operator,
 `fn.esvit_multi_crop` (csrc/multicrop_op.cc), ~5x cheaper than the stock operators below, which remain the
-GPU graph and the CPU fallback.
+GPU graph and the CPU fallback (and the CPU graph when crops are rotated: the operator does not rotate).
 
 All randomness comes in through the external source (see dali_params); the graph holds none. Ops run only on
 the samples that need them (DALI conditionals split the batch): the colour map on crops with jitter or
@@ -80,6 +80,9 @@ def multicrop_pipeline(specs: list[CropSpec], gpu: bool, source, plugin: bool = 
     for c, spec in enumerate(specs):
         crop = fn.resize(image, size=[spec.size, spec.size], roi_start=prm[c, 0:2], roi_end=prm[c, 2:4],
                          interp_type=types.INTERP_CUBIC, antialias=True)
+        if spec.rotation > 0:           # DALI and PIL agree: counter-clockwise on screen for a positive angle
+            crop = fn.rotate(crop, angle=prm[c, P.ANGLE], keep_size=True, fill_value=0,
+                             interp_type=types.INTERP_LINEAR)
         if prm[c, P.COLOUR] > 0.5:
             crop = _colour(crop, prm, c, gpu)
         if spec.blur_prob >= 1:                     # no split/merge where every sample is blurred

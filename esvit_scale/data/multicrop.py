@@ -30,11 +30,13 @@ class CropSpec:
     solarize_prob: float
     flip_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    rotation: float = 0.0            # degrees: turned by U(-rotation, rotation) after the flip; 0: not drawn
 
 
 def crop_specs(data: DataConfig) -> list[CropSpec]:
     """The per-crop augmentation of the reference: 2 global crops, then the local crops by size group."""
-    g, common = data.global_crops_size, dict(flip_prob=data.hflip_prob, blur_sigma=tuple(data.blur_sigma))
+    g = data.global_crops_size
+    common = dict(flip_prob=data.hflip_prob, blur_sigma=tuple(data.blur_sigma), rotation=data.rotation_degrees)
     specs = [CropSpec(g, tuple(data.global_crops_scale), blur_prob=1.0, solarize_prob=0.0, **common),
              CropSpec(g, tuple(data.global_crops_scale), blur_prob=0.1, solarize_prob=data.solarize_prob, **common)]
     for size, number in zip(data.local_crops_size, data.local_crops_number):

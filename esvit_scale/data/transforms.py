@@ -65,6 +65,8 @@ def augment_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> torch.
                            interpolation=TF.InterpolationMode.BICUBIC)
     if rng.random() < spec.flip_prob:
         crop = TF.hflip(crop)
+    if spec.rotation > 0:                   # counter-clockwise for a positive angle; black corners
+        crop = crop.rotate(rng.uniform(-spec.rotation, spec.rotation), resample=Image.BILINEAR)
     if rng.random() < JITTER_PROB:
         crop = color_jitter(crop, rng)
     if rng.random() < GRAYSCALE_PROB:
