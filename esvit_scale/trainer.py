@@ -42,13 +42,14 @@ def setup_logging(rank: int) -> None:
 
 
 def quickstart_paths(cfg: Config) -> tuple[str, str, str]:
-    """(train folder, k-NN train folder, k-NN val folder), generating the quickstart folder if needed."""
+    """(train folder, k-NN train folder, k-NN val folder); without data.path, the quickstart's real images:
+    scikit-learn's digits written once to <output_dir>/quickstart_data."""
     if cfg.data.path is not None:
         return cfg.data.path, cfg.eval.train_path or cfg.data.path, cfg.eval.val_path
-    from esvit_scale.data.synthetic import make_quickstart_folder
+    from esvit_scale.data.digits import make_digits_folder
     root = Path(cfg.run.output_dir) / "quickstart_data"
     if not dist.is_initialized() or dist.get_rank() == 0:
-        make_quickstart_folder(root)
+        make_digits_folder(root)
     if dist.is_initialized():
         dist.barrier()
     return str(root / "train"), cfg.eval.train_path or str(root / "train"), cfg.eval.val_path or str(root / "val")

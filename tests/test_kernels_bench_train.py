@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from conftest import PYTHON, run_command
+from conftest import PYTHON, paper_recipe_overrides, run_command
 
 pytestmark = pytest.mark.usefixtures("kernels_on")
 
 TINY = ["model.arch=swin_nano", "model.window_size=4", "model.out_dim=128", "model.head_hidden_dim=64",
         "model.head_bottleneck_dim=32", "data.batch_size_per_gpu=4", "data.global_crops_size=32",
-        "data.local_crops_size=[16]", "data.local_crops_number=[2]", "run.device=cpu"]
+        "data.local_crops_size=[16]", "data.local_crops_number=[2]", "run.device=cpu", *paper_recipe_overrides()]
 
 
 def test_train_benchmark_runs_both_variants_from_the_same_start(tmp_path):

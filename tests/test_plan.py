@@ -5,14 +5,15 @@ import json
 
 import pytest
 
-from conftest import PYTHON, run_command, torchrun
+from conftest import PYTHON, paper_recipe_overrides, run_command, torchrun
 from esvit_scale.bench.plan import STAGES, activation_bytes, measured_runtime_bytes, plan, setting, static_bytes
 from esvit_scale.bench.step import bench_config
 from esvit_scale.config import load_config
 
 TINY_64 = ["model.arch=swin_tiny", "model.out_dim=1024", "data.batch_size_per_gpu=4", "data.global_crops_size=64",
            "data.local_crops_size=[32]", "data.local_crops_number=[4]"]
-COMMON = ["deepspeed.precision=fp32", "run.device=cpu", "deepspeed.bucket_elements=10000000"]
+COMMON = ["deepspeed.precision=fp32", "run.device=cpu", "deepspeed.bucket_elements=10000000",
+          *paper_recipe_overrides()]
 # a few-block Swin under heads of 65536 prototypes: ~36 M parameters, so the model state (~0.7 GiB at ZeRO 0) is not
 # lost in the CPU runtime (~0.9 GiB), at about a second per step
 WIDE_HEADS = ["model.arch=swin_nano", "model.window_size=4", "model.out_dim=65536", "model.head_hidden_dim=256",

@@ -127,14 +127,17 @@ def test_train_runs_with_the_dali_loader(image_folder, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_learns_the_same_with_dali_and_torch_loaders(tmp_path):
-    """The whole quickstart (~1-2 min each on 2 cores): the same loss curve and a k-NN gain with both loaders."""
+    """The whole quickstart on the digits (~4 min each on 2 cores): the same loss curve, no collapse, and a k-NN and
+    linear-probe gain with both loaders (k-NN +4.4 to +5.6 points in the runs of docs/training.md)."""
     runs = {}
     for loader in ("torch", "dali"):
         out = tmp_path / loader
         run_command([PYTHON, *CONFIG, f"run.output_dir={out}", f"data.loader={loader}"], timeout=1200)
         runs[loader] = (json.loads((out / "summary.json").read_text()), _epoch_mean_losses(out / "metrics.jsonl"))
     for loader, (summary, losses) in runs.items():
-        assert summary["knn_top1"] > summary["knn_top1_init"] + 10, (loader, summary)
+        assert summary["knn_top1"] >= summary["knn_top1_init"] + 3, (loader, summary)
+        assert summary["linear_top1"] > summary["linear_top1_init"] + 3, (loader, summary)
+        assert summary["collapse"] is None, (loader, summary["health"])
         assert min(losses) < losses[0] - 0.2, (loader, losses)
     for torch_loss, dali_loss in zip(runs["torch"][1], runs["dali"][1]):
         assert abs(torch_loss - dali_loss) < 0.15

@@ -1,11 +1,11 @@
-"""The quickstart's labelled image folder, generated deterministically.
+"""A generated labelled image folder (tests, benchmarks), deterministic and of any size.
 
 A class is a colour family (a muted tint: red, yellow, green, cyan, blue, magenta). Everything else about an
 image is random nuisance: a texture (stripes, checks, dots, rings, waves or blobs at a random frequency,
 orientation and phase), its dark and light levels, the saturation, a blur and sensor noise. A network at
 initialisation mostly sees the nuisance (texture, sharpness, noise), so its k-NN accuracy is modest; the EsViT
-augmentations (crops, blur, colour jitter within a family) teach the network to ignore it, which is what the
-quickstart's k-NN shows. Written as JPEGs under root/train/<class> and root/val/<class>.
+augmentations (crops, blur, colour jitter within a family) teach the network to ignore it in a few hundred
+steps. Written as JPEGs under root/train/<class> and root/val/<class>.
 
 Colour is the class on purpose: with grey images (class = texture) self-supervision latched onto per-image
 grey levels or orientation, and the k-NN accuracy fell below that at initialisation.
@@ -65,7 +65,7 @@ def draw_image(class_index: int, size: int, rng: np.random.Generator) -> Image.I
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def make_quickstart_folder(root: str | Path, train_per_class: int = 80, val_per_class: int = 20,
+def make_colour_folder(root: str | Path, train_per_class: int = 80, val_per_class: int = 20,
                            size: int = 96, seed: int = 0) -> Path:
     """Writes the folder once; a complete folder with the same parameters is reused. The folder is built
     beside root and moved into place, so an interrupted run leaves no half-written dataset behind."""
@@ -74,7 +74,7 @@ def make_quickstart_folder(root: str | Path, train_per_class: int = 80, val_per_
     marker = root / "dataset.json"
     if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(spec)):
         return root
-    log.info("generating the quickstart image folder in %s (%d classes)", root, len(CLASSES))
+    log.info("generating a colour-family image folder in %s (%d classes)", root, len(CLASSES))
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
