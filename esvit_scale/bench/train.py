@@ -1,6 +1,6 @@
 """Training steps with the fused kernels on vs off, side by side in one process.
 
-    python -m esvit_scale.bench train --config configs/quickstart.yaml --json runs/bench_train.json
+    python -m esvit_scale.bench train --config configs/digits_paper.yaml --json runs/bench_train.json
 
 Builds the training step of the config twice from one seed (identical weights; esvit_scale.step, the step the
 trainer runs: the DeepSpeed engine of the configured ZeRO stage and precision, the EMA teacher, the loss and the
@@ -29,7 +29,8 @@ from esvit_scale.step import TrainStep, build_train_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/quickstart.yaml")
+    # default: the quickstart's model with both loss terms, so that both kernels are in the step
+    parser.add_argument("--config", default="configs/digits_paper.yaml")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of steps, alternating the variants")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
