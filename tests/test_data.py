@@ -69,6 +69,29 @@ def test_rotation_key_draws_angles_only_when_on():
     with pytest.raises(ConfigError, match="data.rotation_degrees"):
         data_cfg(**{"data.rotation_degrees": -5})
 
+def test_rotation_turns_the_crop():
+    """A positive angle turns counter-clockwise on screen in the PIL reference (and so in DALI, which
+    test_dali_loader checks against it): a bright bar on the right of a square ends up on top after +90 degrees."""
+    import random
+
+    from esvit_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, CropSpec
+    from esvit_scale.data.transforms import augment_crop
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 48:] = 255
+    spec = CropSpec(64, (1.0, 1.0), blur_prob=0.0, solarize_prob=0.0, flip_prob=0.0, rotation=90.0)
+
+    class Fixed(random.Random):            # every uniform draw at its upper end, every coin "no"
+        def uniform(self, a, b):
+            return b
+
+        def random(self):
+            return 0.999
+
+    crop = augment_crop(Image.fromarray(img), spec, Fixed(0))
+    out = ((crop * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255).mean(0)
+    assert out[:12].mean() > 200 and out[-12:].mean() < 30 and out[:, -12:].mean() < 130
+
+
 def test_sharding_disjoint_complete_and_drop_last():
     order = [ShardedOrder(50, batch_size=4, rank=r, world_size=2, seed=3) for r in range(2)]
     a, b = order[0].indices(5), order[1].indices(5)

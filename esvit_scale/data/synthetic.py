@@ -66,7 +66,7 @@ def draw_image(class_index: int, size: int, rng: np.random.Generator) -> Image.I
 
 
 def make_colour_folder(root: str | Path, train_per_class: int = 80, val_per_class: int = 20,
-                           size: int = 96, seed: int = 0) -> Path:
+                       size: int = 96, seed: int = 0) -> Path:
     """Writes the folder once; a complete folder with the same parameters is reused. The folder is built
     beside root and moved into place, so an interrupted run leaves no half-written dataset behind."""
     root = Path(root)
