@@ -40,17 +40,23 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(argv)
+    from esvit_scale.engine.distributed import launched_rank_and_world
+    from esvit_scale.engine.student import batch_split
+    rank, world = launched_rank_and_world()
     try:
         cfg = load_config(args.config, args.overrides)
+        batch_split(cfg, world)                  # the ranks divide the global batch, or nothing starts
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e, rank)
     if args.print_config:
         print(cfg.to_yaml())
         return 0
     from esvit_scale.trainer import train
     stop = STOP or StopRequest().install()
-    summary = train(cfg, stop)
+    try:
+        summary = train(cfg, stop)
+    except ConfigError as e:                     # found once the run's folder is read (another experiment's)
+        return config_error(e, rank)
     stop.finished()             # saved: a second signal must not kill the process while it shuts down
     import torch.distributed as dist
     if dist.is_initialized():   # in order, rather than by destructors while the interpreter shuts down
@@ -59,6 +65,13 @@ def main(argv=None) -> int:
         record_exit_status(EXIT_PREEMPTED, f"saved at step {summary['steps']}")
         return EXIT_PREEMPTED
     return 0
+
+
+def config_error(e: ConfigError, rank: int) -> int:
+    """One line, from the first rank only (every rank finds the same error), and exit 2: nothing was done."""
+    if rank == 0:
+        print(f"config error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

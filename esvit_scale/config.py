@@ -156,6 +156,13 @@ class RunConfig:
     dist_timeout_minutes: float = 30.0    # collective timeout of the process group
     straggler_every_steps: int = 100      # gather the per-rank step times this often (0: off)
     straggler_factor: float = 1.3         # a rank slower than this x the median, 3 reports in a row, is named
+    # Faults in the numbers (esvit_scale/recovery.py): a non-finite step loss, or one above spike_factor x the median
+    # of the last spike_window step losses (0: spikes are not judged), rewinds the run to its newest checkpoint and
+    # replays the same batches; a fault that recurs there is a bad batch, skipped. At the max_rewinds-th skipped
+    # batch the run stops (0: no rewinds; a non-finite loss stops the run).
+    spike_factor: float = 0.0
+    spike_window: int = 50
+    max_rewinds: int = 5
 
 
 @dataclass
@@ -372,6 +379,10 @@ def validate(cfg: Config) -> None:
     need(r.straggler_every_steps >= 0, "run.straggler_every_steps",
          f"must be >= 0 (0: off), got {r.straggler_every_steps}")
     need(r.straggler_factor > 1, "run.straggler_factor", f"must be > 1, got {r.straggler_factor}")
+    need(r.spike_factor == 0 or r.spike_factor > 1, "run.spike_factor",
+         f"must be 0 (off) or > 1 (a multiple of the running median loss), got {r.spike_factor}")
+    need(r.spike_window >= 1, "run.spike_window", f"must be >= 1, got {r.spike_window}")
+    need(r.max_rewinds >= 0, "run.max_rewinds", f"must be >= 0 (0: off), got {r.max_rewinds}")
     need(e.linear_blocks >= 1, "eval.linear_blocks", f"must be >= 1, got {e.linear_blocks}")
     need(e.linear_epochs >= 1, "eval.linear_epochs", f"must be >= 1, got {e.linear_epochs}")
     need(bool(e.knn_k) and all(k >= 1 for k in e.knn_k), "eval.knn_k", f"must be a list of k >= 1, got {e.knn_k}")

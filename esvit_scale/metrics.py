@@ -8,19 +8,22 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger("esvit_scale")
 
 
-def drop_records_after(path: Path, step: int) -> int:
-    """Remove the records of steps after `step` (logged by a run that crashed before its next checkpoint, about to
-    be logged again) and any line cut short; returns how many lines were dropped."""
+def drop_records_after(path: Path, step: int) -> tuple[int, int]:
+    """Remove the records of steps after `step` (logged by a run that crashed before its next checkpoint, or before a
+    rewind, about to be logged again) and any line cut short; returns (lines dropped, the last step they had)."""
     if not path.is_file():
-        return 0
-    kept, dropped = [], 0
+        return 0, step
+    kept, dropped, last = [], 0, step
     for line in path.read_text().splitlines():
         try:
-            keep = json.loads(line)["step"] <= step
+            logged = json.loads(line)["step"]
+            keep = logged <= step
+            last = max(last, logged)
         except (json.JSONDecodeError, KeyError, TypeError):
             keep = False
         if keep:
@@ -31,7 +34,7 @@ def drop_records_after(path: Path, step: int) -> int:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
-    return dropped
+    return dropped, last
 
 
 def phase_split(scalars: dict[str, float]) -> str:
@@ -44,29 +47,39 @@ def phase_split(scalars: dict[str, float]) -> str:
 
 class MetricsLogger:
     """`start_step`: the step training starts from; records of later steps are dropped from metrics.jsonl and
-    TensorBoard (purge_step), so that a resumed run holds one record per step."""
+    TensorBoard (purge_step), so that a resumed run holds one record per step. `last_logged` is the last step the
+    files had before (the steps in between are recomputed); `rewind(step)` does the same inside a running run."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, log_every: int,
                  start_step: int = 0):
         self.enabled, self.log_every, self.total_steps = enabled, log_every, total_steps
+        self.out = Path(output_dir)
         self.writer = self.jsonl = self.bar = None
-        if not enabled:
-            return
+        self._redirect = None
+        self.last_logged = start_step
+        if enabled:
+            self._open(start_step)
+
+    def _open(self, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
-        out = Path(output_dir)
-        dropped = drop_records_after(out / "metrics.jsonl", start_step)
+        dropped, self.last_logged = drop_records_after(self.out / "metrics.jsonl", start_step)
         if dropped:
             log.info("dropped %d records after step %d from metrics.jsonl (they are logged again)", dropped, start_step)
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
-        self._redirect = None
-        if sys.stderr.isatty():
+        self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step + 1)
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
+        if sys.stderr.isatty() and self.bar is None:
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total_steps, unit="step", dynamic_ncols=True)
             self._redirect = logging_redirect_tqdm()       # log lines above the bar, not glued to its end
             self._redirect.__enter__()
-        self._last_time = time.time()
+
+    def rewind(self, step: int) -> None:
+        """Training goes back to `step`: its later records go, as at a resume."""
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+            self._open(step)
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -87,6 +100,12 @@ class MetricsLogger:
             if "step_s" in scalars:
                 log.info("step %d phases: %s", step, phase_split(scalars))
 
+    def skipped(self, step: int, details: dict) -> None:
+        """A step whose batch was not trained on (recovery.py): one record, no loss."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), "skipped_batch": True, **details}) + "\n")
+            self.writer.add_scalar("train/skipped_batch", 1.0, step)
+
     def scalar(self, key: str, value: float, step: int) -> None:
         if self.enabled:
             self.writer.add_scalar(key, value, step)
@@ -105,5 +124,58 @@ class MetricsLogger:
         if self.bar is not None:
             self._redirect.__exit__(None, None, None)
             self.bar.close()
+            self.bar = None
         self.writer.close()
         self.jsonl.close()
+
+
+def model_flops_and_peak(cfg, device) -> tuple[float, dict]:
+    """Model FLOPs per image of a step (counted on the meta device) and the device's peak FLOP/s, for the MFU."""
+    from esvit_scale.bench.flops import CONVENTION, step_flops
+    from esvit_scale.bench.peak import device_peak
+    per_image = step_flops(cfg).per_image
+    peak = device_peak(device, cfg.deepspeed.precision)
+    log.info("model FLOPs per image of a step: %.2f G (%s); peak per device %.2f TFLOP/s (%s): MFU is against it",
+             per_image / 1e9, CONVENTION, peak["peak_flops"] / 1e12, peak["source"])
+    return per_image, peak
+
+
+class Throughput:
+    """Images/s of each optimizer step, its model TFLOP/s per device and MFU, and its phase split when it was timed
+    (seconds summed over its micro-batches, esvit_scale/step.py)."""
+
+    def __init__(self, flops_per_image: float, peak_flops: float, world_size: int):
+        self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
+        self.images_per_s: list[float] = []
+        self._phases: dict[str, float] = {}
+        self._images, self._start = 0, time.time()
+
+    def micro_batch(self, images: int, phases: Optional[dict[str, float]]) -> None:
+        self._images += images
+        if phases is not None:
+            self._phases = {p: self._phases.get(p, 0.0) + t for p, t in phases.items()}
+
+    def end_step(self) -> dict[str, float]:
+        """The scalars of the optimizer step that just ended; the next one starts now."""
+        ips = self._images / max(time.time() - self._start, 1e-9)
+        self.images_per_s.append(ips)
+        flops_per_s = ips / self.world_size * self.flops_per_image
+        out = {"images_per_s": ips, "tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / self.peak_flops}
+        if self._phases:
+            out.update(step_s=sum(self._phases.values()), **{f"phase_s/{p}": t for p, t in self._phases.items()})
+        self.restart()
+        return out
+
+    def restart(self) -> None:
+        """Forget the step in progress (after a rewind, a skipped batch or an evaluation)."""
+        self._phases, self._images, self._start = {}, 0, time.time()
+
+    def steady(self) -> dict:
+        """For summary.json: mean images/s without the first quarter of the steps (start-up, JIT, worker spawn), and
+        its MFU."""
+        values = self.images_per_s
+        if not values:
+            return {"images_per_s": None}
+        steady = values[len(values) // 4:] if len(values) >= 4 else values
+        ips = sum(steady) / len(steady)
+        return {"images_per_s": ips, "mfu": ips / self.world_size * self.flops_per_image / self.peak_flops}

@@ -1,6 +1,6 @@
 """One EsViT training micro-batch, in named phases: the step the trainer runs and the benchmarks time.
 
-    step = TrainStep(engine, optimizer, teacher, loss_fn, schedules, device, input_dtype)   # or build_train_step
+    step = TrainStep(parts, schedules, device)           # parts: engine/build.py; or build_train_step(cfg, ...)
     step.set_hyperparameters(i, freeze_last_layer=False)     # at the start of each optimizer step
     for crops in step.batches(loader.epoch(e)):          # records the data wait of each batch
         losses, phases = step.run(crops, epoch=e, step=i, boundary=True, timing=True)
@@ -12,12 +12,14 @@ so that the seconds belong to their phase; with timing off nothing is synchronis
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Iterable, Iterator, Optional
 
 import torch
+
+from esvit_scale.cluster.faults import corrupt_loss
+from esvit_scale.engine import collectives
 
 log = logging.getLogger("esvit_scale")
 
@@ -50,11 +52,12 @@ class PhaseClock:
 
 
 class TrainStep:
-    def __init__(self, engine, optimizer, teacher, loss_fn, schedules, device: torch.device,
-                 input_dtype: torch.dtype):
-        self.engine, self.optimizer, self.teacher, self.loss_fn = engine, optimizer, teacher, loss_fn
+    def __init__(self, parts, schedules, device: torch.device):
+        self.engine, self.optimizer, self.teacher, self.loss_fn = parts.engine, parts.optimizer, parts.teacher, \
+            parts.loss_fn
         self.sched = schedules
-        self.device, self.input_dtype = device, input_dtype
+        self.device, self.input_dtype = device, parts.input_dtype
+        self.rank = collectives.rank()
         self.last_data_wait = 0.0
 
     def batches(self, loader: Iterable) -> Iterator:
@@ -89,6 +92,7 @@ class TrainStep:
         student_out = self.engine([c.to(self.input_dtype) for c in crops])
         clock.mark("student_forward")
         losses = self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[epoch]))
+        losses["loss"] = corrupt_loss(losses["loss"], self.rank, step + 1)
         clock.mark("loss")
         self.engine.backward(losses["loss"])
         clock.mark("backward")
@@ -103,43 +107,13 @@ class TrainStep:
         return losses, {p: clock.seconds[p] for p in PHASES}
 
 
-def engine_dtype(engine) -> torch.dtype:
-    """The dtype the student engine trains in (its inputs are cast to it)."""
-    return (torch.bfloat16 if engine.bfloat16_enabled() else
-            torch.float16 if engine.fp16_enabled() else torch.float32)
-
-
-def build_models(cfg, world_size: int, whole: bool = False):
-    """(student, teacher) from one seed, so every rank starts from the same weights; built partitioned at ZeRO-3
-    with deepspeed.zero_init (engine.student.model_init_context) unless `whole` (init_from loads full tensors)."""
-    from esvit_scale.engine.student import model_init_context
-    from esvit_scale.models.esvit import EsViT
-    torch.manual_seed(cfg.run.seed)
-    with contextlib.nullcontext() if whole else model_init_context(cfg, world_size):
-        student = EsViT(cfg)
-    with contextlib.nullcontext() if whole else model_init_context(cfg, world_size, teacher=True):
-        teacher = EsViT(cfg, is_teacher=True)
-    if cfg.model.compile:       # compiled on their first forward (and again for each new crop shape)
-        student.compile_parts()
-        teacher.compile_parts()
-        log.info("model.compile: backbone and heads of student and teacher compiled with torch.compile (inductor)")
-    return student, teacher
-
-
 def build_train_step(cfg, world_size: int, device: torch.device, steps_per_epoch: int = 1) -> TrainStep:
-    """A fresh step of `cfg` (what the benchmarks time): the student engine and its EMA teacher from one seed,
-    the loss, and the schedules for the global batch of world_size ranks. Needs the process group (see
-    esvit_scale.engine.distributed.init_distributed). The trainer builds the same parts around its resume logic."""
-    from esvit_scale.engine.student import accumulation_steps, build_student_engine
-    from esvit_scale.engine.teacher import TeacherEMA
-    from esvit_scale.losses.esvit_loss import EsViTLoss
+    """A fresh step of `cfg` (what the benchmarks time): the parts built from one seed (engine/build.py) and the
+    schedules for the global batch of world_size ranks. Needs the process group (see
+    esvit_scale.engine.distributed.init_distributed)."""
+    from esvit_scale.engine.build import build_parts
+    from esvit_scale.engine.student import batch_split
     from esvit_scale.schedules import build_schedules
-
-    global_batch = cfg.data.batch_size_per_gpu * world_size * accumulation_steps(cfg, world_size)
-    student, teacher = build_models(cfg, world_size)
-    engine, optimizer = build_student_engine(cfg, student, world_size)
-    ema = TeacherEMA(teacher, engine, cfg, world_size)
-    ema.copy_from_student()
-    loss_fn = EsViTLoss(cfg.loss, cfg.model.out_dim).to(device)
-    return TrainStep(engine, optimizer, ema, loss_fn, build_schedules(cfg, global_batch, steps_per_epoch), device,
-                     engine_dtype(engine))
+    split = batch_split(cfg, world_size)
+    parts = build_parts(cfg, split, device, rank=collectives.rank())
+    return TrainStep(parts, build_schedules(cfg, split.global_batch, steps_per_epoch), device)

@@ -280,11 +280,12 @@ def test_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(finished_run, 
 # ------------------------------------------------------------------ NaN stops and failed saves
 
 def test_nan_stop_names_a_checkpoint_that_resumes_without_nan(image_folder, tmp_path):
-    """The loss of step N tests the weights of step N-1: the checkpoint of N-1 is marked REJECTED, and the one the
-    message names resumes, with a sane learning rate, to finite losses."""
+    """Without rewinds (run.max_rewinds=0; tests/test_recovery.py has them): the loss of step N tests the weights of
+    step N-1, so the checkpoint of N-1 is marked REJECTED, and the one the message names resumes, with a sane
+    learning rate, to finite losses."""
     import re
     out = tmp_path / "run"
-    opts = {"run.max_steps": 12, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 1}
+    opts = {"run.max_steps": 12, "run.checkpoint_every_steps": 1, "run.keep_checkpoints": 1, "run.max_rewinds": 0}
     proc = torchrun(CONFIG + tiny_overrides(image_folder, out, **opts, **{"optim.base_lr": 1e6}), check=False)
     assert proc.returncode != 0
     found = re.search(r"loss is not finite at epoch \d+, step (\d+) .*Last complete checkpoint: (\S+)\.", proc.stderr)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from esvit_scale.config import ConfigError, load_config
-from esvit_scale.engine.student import accumulation_steps, deepspeed_config
+from esvit_scale.engine.student import batch_split, deepspeed_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -73,9 +73,11 @@ def test_deepspeed_dict_comes_from_the_yaml():
 
 def test_global_batch_derives_accumulation():
     cfg = load_config(None, ["deepspeed.global_batch_size=512", "data.batch_size_per_gpu=32"])
-    assert accumulation_steps(cfg, world_size=8) == 2
-    with pytest.raises(ValueError, match="global_batch_size"):
-        accumulation_steps(cfg, world_size=3)
+    split = batch_split(cfg, world_size=8)
+    assert (split.accumulation, split.global_batch) == (2, 512)
+    with pytest.raises(ConfigError, match=r"deepspeed.global_batch_size: 512 is not a multiple of .* 32 x 3 = 96.*"
+                                          r"1, 2, 4, 8, 16"):
+        batch_split(cfg, world_size=3)
 
 
 @pytest.mark.parametrize("key, value", [

@@ -92,7 +92,7 @@ def test_the_time_limit_stops_every_rank_at_the_same_step_and_reads_as_preempted
                   **LONG, **{"run.exit_before_end_minutes": 1})
     assert proc.wait(timeout=300) == 75, log_of(out)[-4000:]
     text = log_of(out)
-    assert text.count("the job's time limit is near") == 1                # rank 0 read it ...
+    assert text.count("stop requested (here: the job's time limit is near") == 1     # rank 0 read it ...
     assert text.count("saving at step 1 and exiting with 75") == 2         # ... both ranks stopped at step 1
     assert complete_checkpoints(out) == ["step000000001"]
 

@@ -103,6 +103,23 @@ def test_pre_timeout_signal_twice_saves_requeues_and_resumes_to_the_losses_of_an
     assert json.loads((out / "summary.json").read_text())["steps"] == 60
 
 
+def test_a_killed_rank_then_a_stalled_rank_then_a_preemption_the_job_completes_with_the_losses_of_an_undisturbed_run(
+        image_folder, tmp_path):
+    """`bench chaos --slurm`: kill -9 of one task (the other names it, exit 69; launch.sh restarts training inside the
+    allocation), a stalled task (the hang watchdog, exit 70; restarted again), then USR1 to the batch shell (saved,
+    requeued, resumed). No resubmission; every step's loss bitwise equal to a run without the faults."""
+    report = tmp_path / "chaos.json"
+    proc = run_command([PYTHON, "-m", "esvit_scale.bench", "chaos", "--slurm", "--schedule", "kill_rank,stall,preempt",
+                        "--work-dir", str(tmp_path / "work"), "--json", str(report),
+                        *tiny_overrides(image_folder, tmp_path / "unused")], timeout=1500, check=False)
+    result = json.loads(report.read_text()) if report.is_file() else {}
+    assert result.get("passed"), proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert result["job_status"] == 0 and result["slurm_requeues"] == 1 and result["relaunches"] == 0
+    assert [f["event"]["event"] for f in result["faults"]] == ["lost_rank", "hang", "preempted"]
+    log = (tmp_path / "work" / "chaos.log").read_text()
+    assert log.count("restarting in") == 2 and "requeueing job" in log
+
+
 def test_a_signal_during_start_up_requeues_and_the_restarted_job_finishes(image_folder, tmp_path):
     out = tmp_path / "startup"
     job_id = submit(out, tiny_overrides(image_folder, out, **{"run.max_steps": 3}),

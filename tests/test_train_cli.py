@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, run_command, tiny_overrides
+from conftest import PYTHON, ROOT, run_command, tiny_overrides, torchrun
 
 CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
 
@@ -21,6 +21,18 @@ def test_help_explains_configs_overrides_torchrun_and_resume():
 def test_config_error_stops_before_any_work(tmp_path):
     proc = run_command([PYTHON, *CONFIG, "optim.epoch=3", f"run.output_dir={tmp_path}/x"], check=False)
     assert proc.returncode == 2 and "unknown key 'optim.epoch'" in proc.stderr and "epochs" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_global_batch_the_ranks_do_not_divide_stops_every_rank_with_one_config_error_line(image_folder, tmp_path):
+    """3 ranks x 4 do not divide 8: every rank exits 2 before any work; only rank 0 says why, in one line."""
+    overrides = tiny_overrides(image_folder, tmp_path / "x", **{"deepspeed.global_batch_size": 8})
+    proc = torchrun([*CONFIG, *overrides], nproc=3, check=False, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "config error:" in line]
+    assert len(lines) == 1 and "deepspeed.global_batch_size: 8 is not a multiple of data.batch_size_per_gpu x " \
+                               "ranks = 4 x 3 = 12; with this micro-batch it divides for 1, 2 rank count(s)" in lines[0]
+    assert "ValueError" not in proc.stderr and "Traceback" not in proc.stdout
     assert not (tmp_path / "x").exists()
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling,allreduce} --json PATH`.
+"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling,allreduce,chaos}
+--json PATH`.
 
 Each subcommand lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "checkpoint": "esvit_scale.bench.checkpoint",   # training stall per save, synchronous vs asynchronous
     "allreduce": "esvit_scale.bench.allreduce",     # the bus bandwidth of collectives between this node's ranks
     "scaling": "esvit_scale.bench.scaling",   # images/s and efficiency, 1-512 GPUs: predicted, and a sweep's points
+    "chaos": "esvit_scale.bench.chaos",       # a real job under random faults vs the same job without: exact recovery
 }
 
 

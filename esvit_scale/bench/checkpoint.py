@@ -35,9 +35,9 @@ def run(args) -> None:
                 trainer.save()
                 stalls.append(time.perf_counter() - start)
                 start = time.perf_counter()            # in training, the steps until the next save overlap this
-                trainer.checkpoints.finish()
+                trainer.store.finish()
                 writes.append(time.perf_counter() - start)
-            size = sum(f.stat().st_size for f in (trainer.checkpoints.root / f"step{args.saves:09d}").iterdir())
+            size = sum(f.stat().st_size for f in (trainer.store.root / f"step{args.saves:09d}").iterdir())
         result[mode] = {"stall_s": stalls, "background_s": writes, "checkpoint_mb": size / 2 ** 20}
         print(mode, json.dumps(result[mode]))
     if args.json:

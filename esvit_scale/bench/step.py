@@ -24,10 +24,10 @@ import statistics
 import time
 
 import torch
-import torch.distributed as dist
 
 from esvit_scale.bench.report import write_json
 from esvit_scale.config import Config, load_config
+from esvit_scale.engine import collectives
 from esvit_scale.step import PHASES
 
 
@@ -57,7 +57,7 @@ def loader_batches(cfg: Config, rank: int, world_size: int, device: torch.device
     """Batches of the real loader, epoch after epoch."""
     from esvit_scale.data.build import build_loader
     from esvit_scale.data.folder import index_folder
-    from esvit_scale.trainer import quickstart_paths
+    from esvit_scale.data.digits import quickstart_paths
     loader = build_loader(cfg.data, index_folder(quickstart_paths(cfg)[0]), rank, world_size, cfg.run.seed,
                           device.type)
     epoch = 0
@@ -70,13 +70,6 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process (getrusage)"
-
-
-def _reduce(values: list[float], op) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
-    return t.tolist()
 
 
 def run(args) -> None:
@@ -120,13 +113,14 @@ def run(args) -> None:
 
     flops = step_flops(cfg)
     peak = device_peak(device, cfg.deepspeed.precision)
-    peak_flops = _reduce([peak["peak_flops"]], dist.ReduceOp.SUM)[0] / world     # measured on all ranks at once
+    peak_flops = float(collectives.mean_over_ranks(torch.tensor([peak["peak_flops"]], dtype=torch.float64)))   # measured on all ranks at once
     memory, memory_source = peak_memory(device)
-    memory = int(_reduce([memory], dist.ReduceOp.MAX)[0])
+    memory = int(collectives.max_over_ranks(torch.tensor([memory], dtype=torch.float64)))
     # means over ranks, step by step (the collectives keep the ranks' steps in lockstep; where a rank waits differs,
     # so the per-phase maxima would not add up to a step)
-    step_s = [t / world for t in _reduce(step_s, dist.ReduceOp.SUM)]
-    phase_mean = {p: statistics.fmean(_reduce(ts, dist.ReduceOp.SUM)) / world for p, ts in phases.items()}
+    step_s = collectives.mean_over_ranks(torch.tensor(step_s, dtype=torch.float64)).tolist()
+    phase_mean = {p: statistics.fmean(collectives.mean_over_ranks(torch.tensor(ts, dtype=torch.float64)).tolist())
+                  for p, ts in phases.items()}
     median = statistics.median(step_s)
     achieved = flops.total / median
     report = {
@@ -162,8 +156,7 @@ def run(args) -> None:
     if info.is_main:
         _print(report)
         write_json(report, args.json)
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _print(r: dict) -> None:

@@ -156,14 +156,38 @@ def safe_torch_load():
 
 
 def use_safe_checkpoint_engine(engine) -> None:
-    """Make a DeepSpeed engine read and write its files through load_file / save_file."""
+    """Make a DeepSpeed engine read and write its files through load_file / save_file.
+
+    A write that fails inside `engine.save_checkpoint` (a full disk) does not raise there: DeepSpeed's save has
+    barriers after the writes, and a rank leaving it early would leave the others waiting in them, or meet them in
+    the wrong collective later. The first error is kept instead (`begin_save` / `end_save`), every later write of
+    that save is skipped, and the caller agrees on the outcome with the other ranks once the save has returned."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
         writer: Optional[BackgroundWriter] = None          # set by CheckpointStore for an asynchronous save
+        error: Optional[str] = None
+
+        def begin_save(self, writer: Optional[BackgroundWriter]) -> None:
+            self.writer, self.error = writer, None
+
+        def end_save(self) -> Optional[str]:
+            error, self.writer, self.error = self.error, None, None
+            return error
+
+        def makedirs(self, path, exist_ok=False):
+            try:
+                os.makedirs(path, exist_ok=exist_ok)
+            except OSError as e:
+                self.error = self.error or f"{e} (creating checkpoint folder {path})"
 
         def save(self, state_dict, path: str):
-            save_file(state_dict, Path(path), self.writer)
+            if self.error is not None:
+                return
+            try:
+                save_file(state_dict, Path(path), self.writer)
+            except OSError as e:
+                self.error = str(e)
 
         def load(self, path: str, map_location=None):
             return load_file(Path(path), map_location=map_location)

@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
+from esvit_scale.engine import collectives
 
 COMPLETE = "COMPLETE"
 CHUNK = 1 << 23
@@ -26,36 +26,19 @@ def crc32(path: Path) -> int:
     return value
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_dicts(local: dict) -> dict:
-    rank, world = _world()
-    if world == 1:
-        return local
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    return {k: v for part in parts for k, v in part.items()}
-
-
 def _shared_listing(folder: Path) -> list[str]:
     """Rank 0's sorted list of the files in `folder`, given to every rank."""
-    rank, world = _world()
-    names = [sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())] if rank == 0 else [None]
-    if world > 1:
-        dist.broadcast_object_list(names, src=0)
-    return names[0]
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) \
+        if collectives.rank() == 0 else None
+    return collectives.broadcast_object(names)
 
 
 def describe_files(folder: Path) -> dict[str, dict]:
     """Collective: {relative name: {"size", "crc32"}} of every file under `folder` (COMPLETE excluded)."""
-    rank, world = _world()
+    rank, world = collectives.rank(), collectives.world_size()
     names = [n for n in _shared_listing(folder) if n != COMPLETE]
     mine = {n: {"size": (folder / n).stat().st_size, "crc32": crc32(folder / n)} for n in names[rank::world]}
-    return _gather_dicts(mine)
+    return collectives.merged_dicts(mine)
 
 
 def write_marker(folder: Path, step: int, layout: dict, files: dict[str, dict]) -> None:
@@ -79,7 +62,7 @@ def find_problems(folder: Path, marker: dict) -> list[str]:
     """Collective: what is wrong with the files of a complete checkpoint ([] if it verifies)."""
     if "damaged" in marker:
         return [f"its marker {marker['damaged']} is not readable"]
-    rank, world = _world()
+    rank, world = collectives.rank(), collectives.world_size()
     expected = marker.get("files", {})
     names = sorted(expected)
     problems = {}
@@ -91,4 +74,4 @@ def find_problems(folder: Path, marker: dict) -> list[str]:
             problems[name] = f"{path} has {path.stat().st_size} bytes, {want['size']} were written (truncated?)"
         elif crc32(path) != want["crc32"]:
             problems[name] = f"{path} does not match its checksum (altered or corrupted)"
-    return [v for _, v in sorted(_gather_dicts(problems).items())]
+    return [v for _, v in sorted(collectives.merged_dicts(problems).items())]

@@ -1,33 +1,37 @@
-"""Where a run starts, in one place: afresh, from `run.init_from`, or resumed from its own newest usable checkpoint.
+"""How a checkpoint comes back: which one a run starts from, and loading it into parts that are already built.
 
-    start = start_run(cfg, dist_info, build_models, loss_fn)
+    choice = choose_checkpoint(store, layout)          # the newest usable checkpoint and how it loads, or None
+    state = load_into(path, parts, kind, layout)       # student, optimizer, teacher, centres, RNG -> position
 
-decides, builds the student engine and the EMA teacher, loads what the start needs and returns them with the
-training position (TrainState) and the run's CheckpointStore.
-- resume: the newest complete checkpoint in `run.output_dir/checkpoints/` whose files verify (store.py); student,
-  optimizer, teacher, centres, position and RNG states. It must have been written with this run's layout (world
-  size, ZeRO stage, batch split, precision); another layout stops the run with a message (no elastic resume yet).
+The trainer starts a run with them (after building its parts, engine/build.py), and a rewind inside a running run
+uses the very same two calls. Building never depends on what is loaded: whether DeepSpeed reads a checkpoint as its
+universal one is set per load.
+- resume: the newest complete checkpoint in `run.output_dir/checkpoints/` whose files verify (store.py): student,
+  optimizer, teacher, centres, position, loss history and RNG states. Written under another layout (world size,
+  ZeRO stage, batch split) it resumes when the global batch and precision stay (check_layout).
 - run.init_from (only when the output folder has no checkpoint): another run's weights (student and teacher),
-  view centre and position; heads the checkpoint lacks must all be new heads (any other missing or unexpected key
-  is an error: the official code's strict=False silently lost weights); they keep their fresh initialisation and
-  the teacher's copy starts equal to the student's. The optimizer starts anew. The paper's view-only -> +region.
+  view centre and position, loaded into the modules before DeepSpeed wraps them (initialise_from); heads the
+  checkpoint lacks must all be new heads (any other missing or unexpected key is an error: the official code's
+  strict=False silently lost weights); they keep their fresh initialisation and the teacher's copy starts equal to
+  the student's. The optimizer starts anew. The paper's view-only -> +region.
 - fresh: the teacher starts equal to the student.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from esvit_scale.checkpoint.files import (CheckpointError, describe_write_error, load_file, safe_torch_load,
-                                          save_file, set_rng_state, use_safe_checkpoint_engine)
+                                          save_file, set_rng_state)
 from esvit_scale.checkpoint.manifest import find_problems, read_marker
 from esvit_scale.checkpoint.store import CheckpointStore
 from esvit_scale.cluster.faults import pause_point
+from esvit_scale.engine import collectives
 
 log = logging.getLogger(__name__)
 
@@ -41,54 +45,56 @@ class TrainState:
     step: int = 0                    # optimizer steps done
     knn_top1_init: Optional[dict] = None
     linear_top1_init: Optional[float] = None
+    loss_history: list[float] = field(default_factory=list)   # the last step losses, for spike detection
 
 
-@dataclass
-class Start:
-    engine: object
-    optimizer: object
-    teacher: object                  # TeacherEMA
-    state: TrainState
-    checkpoints: CheckpointStore
-    source: str                      # "fresh", "init_from" or "resume"
+def run_layout(cfg, split) -> dict:
+    """How a run splits its work (engine.student.BatchSplit), recorded in every checkpoint's marker (check_layout
+    compares)."""
+    return {"world_size": split.world_size, "zero_stage": cfg.deepspeed.zero_stage, "micro_batch": split.micro,
+            "accumulation": split.accumulation, "global_batch": split.global_batch,
+            "precision": cfg.deepspeed.precision}
 
 
-def run_layout(cfg, world_size: int) -> dict:
-    """How a run splits its work, recorded in every checkpoint's marker (check_layout compares)."""
-    from esvit_scale.engine.student import accumulation_steps
-    accum = accumulation_steps(cfg, world_size)
-    return {"world_size": world_size, "zero_stage": cfg.deepspeed.zero_stage,
-            "micro_batch": cfg.data.batch_size_per_gpu, "accumulation": accum,
-            "global_batch": cfg.data.batch_size_per_gpu * accum * world_size, "precision": cfg.deepspeed.precision}
+# what defines an experiment: another value under the same output folder is another run, not this one resumed
+EXPERIMENT_KEYS = {"model": ("compile", "activation_checkpointing"), "data": None}
 
 
-def start_run(cfg, dist_info, build_models: Callable[[bool], tuple[nn.Module, nn.Module]], loss_fn: nn.Module
-              ) -> Start:
-    """build_models(whole) -> (student, teacher): whole when init_from loads full tensors into them, else they may
-    be built partitioned (ZeRO-3)."""
-    from esvit_scale.engine.student import build_student_engine
-    from esvit_scale.engine.teacher import TeacherEMA
+def check_same_experiment(out: Path, cfg) -> None:
+    """A folder holding checkpoints of another model or data set is not resumed (a resubmitted job of the same name
+    reuses its folder by default): ConfigError naming the difference."""
+    saved = out / "config.yaml"
+    if not saved.is_file() or not any((out / "checkpoints").glob("step*/COMPLETE")):
+        return
+    import yaml
 
-    layout = run_layout(cfg, dist_info.world_size)
-    store = CheckpointStore(cfg.run.output_dir, cfg.run.keep_checkpoints, layout, cfg.run.async_checkpoint)
-    resume = store.newest_usable()
-    kind = check_layout(resume, read_marker(resume).get("layout"), layout) if resume is not None else None
-    state, source = TrainState(), "fresh"
-    student, teacher = build_models(resume is None and bool(cfg.run.init_from))
-    if resume is None and cfg.run.init_from:
-        state, source = initialise_from(Path(cfg.run.init_from), student, teacher, loss_fn, layout), "init_from"
-    engine, optimizer = build_student_engine(cfg, student, dist_info.world_size, load_universal=kind == "universal")
-    use_safe_checkpoint_engine(engine)
-    teacher_ema = TeacherEMA(teacher, engine, cfg, dist_info.world_size)
-    if source == "fresh" and resume is None:
-        teacher_ema.copy_from_student()
-    torch.manual_seed(cfg.run.seed + 1000 * dist_info.rank)       # drop-path draws differ per rank
-    if resume is not None:
-        log.info("resuming from %s", resume)
-        pause_point("resume")
-        state, source = load_checkpoint(resume, engine, teacher_ema, loss_fn, kind), "resume"
-        state.batch_in_epoch = _batches_at(state.batch_in_epoch, read_marker(resume).get("layout"), layout, resume)
-    return Start(engine, optimizer, teacher_ema, state, store, source)
+    from esvit_scale.config import ConfigError
+    old, new = yaml.safe_load(saved.read_text()) or {}, cfg.to_dict()
+    diffs = [f"model.{k}: {v!r} -> {new['model'].get(k)!r}" for k, v in old.get("model", {}).items()
+             if k not in EXPERIMENT_KEYS["model"] and new["model"].get(k) != v]
+    if old.get("data", {}).get("path") != new["data"]["path"]:
+        diffs.append(f"data.path: {old.get('data', {}).get('path')!r} -> {new['data']['path']!r}")
+    if diffs:
+        raise ConfigError(f"run.output_dir={out} holds checkpoints of another experiment ({'; '.join(diffs)}): "
+                          "resuming it would fail or mix two runs. Give the new experiment its own folder "
+                          "(run.output_dir, or under SLURM another --job-name or ESVIT_OUTPUT_DIR).")
+
+
+def choose_checkpoint(store: CheckpointStore, layout: dict) -> Optional[tuple[Path, str]]:
+    """Collective: the newest usable checkpoint and how it loads under `layout` (check_layout), or None."""
+    path = store.newest_usable()
+    if path is None:
+        return None
+    return path, check_layout(path, read_marker(path).get("layout"), layout)
+
+
+def load_into(path: Path, parts, kind: str, layout: dict) -> TrainState:
+    """Collective: the checkpoint `path` loaded into built parts; the training position in this run's layout."""
+    log.info("resuming from %s", path)
+    pause_point("resume")
+    state = load_checkpoint(path, parts, kind)
+    state.batch_in_epoch = _batches_at(state.batch_in_epoch, read_marker(path).get("layout"), layout, path)
+    return state
 
 
 ELASTIC_KEYS = {"world_size", "micro_batch", "accumulation"}      # may change if the global batch stays
@@ -124,14 +130,15 @@ def check_layout(path: Path, saved: Optional[dict], layout: dict) -> str:
         f"its weights with run.init_from={path} (the optimizer starts anew).")
 
 
-def load_checkpoint(path: Path, engine, teacher, loss_fn: nn.Module, kind: str = "same") -> TrainState:
+def load_checkpoint(path: Path, parts, kind: str = "same") -> TrainState:
     """Restore student, optimizer, teacher, centres and this rank's RNG; returns the position.
     kind (check_layout): "universal" loads the student from a universal copy made next to the checkpoint."""
-    import torch.distributed as dist
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine, teacher, loss_fn = parts.engine, parts.teacher, parts.loss_fn
+    rank = collectives.rank()
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in engine.module.named_parameters()}
     tag = universal_copy(path, shapes).name if kind == "universal" else path.name
     flags = [{k: g[k] for k in ("apply_weight_decay", "is_last_layer")} for g in engine.optimizer.param_groups]
+    engine._config.load_universal_checkpoint = kind == "universal"     # read by DeepSpeed at load time only
     with safe_torch_load():            # DeepSpeed's universal loader calls torch.load itself
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=tag)
     if kind == "universal":
@@ -207,15 +214,11 @@ CONVERTED = "CONVERTED"
 def universal_copy(path: Path, shapes: dict[str, tuple]) -> Path:
     """Collective: DeepSpeed's universal checkpoint of `path` (loadable at any world size and ZeRO stage 1-3),
     converted once by rank 0 into `<tag>_universal` next to it; the original is never modified."""
-    import torch.distributed as dist
     out = path.with_name(path.name + UNIVERSAL_SUFFIX)
     error = None
-    if (not dist.is_initialized() or dist.get_rank() == 0) and not (out / CONVERTED).is_file():
+    if collectives.rank() == 0 and not (out / CONVERTED).is_file():
         error = _convert_to_universal(path, out, shapes)
-    if dist.is_initialized():              # every rank stops with rank 0's error, none waits for it
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+    error = collectives.broadcast_object(error)   # every rank stops with rank 0's error, none waits for it
     if error:
         raise CheckpointError(error)
     return out
@@ -314,6 +317,7 @@ def initialise_from(path: Path, student: nn.Module, teacher: nn.Module, loss_fn:
     centres = {k: v for k, v in client["loss"].items() if k in loss_fn.state_dict()}
     loss_fn.load_state_dict({**loss_fn.state_dict(), **centres})
     state = TrainState(**client["train_state"])
+    state.loss_history = []            # another run's losses, possibly of another objective: no spike baseline
     state.batch_in_epoch = _batches_at(state.batch_in_epoch, marker.get("layout"), layout, path)
     log.info("initialised from %s at epoch %d, step %d; new parameters: %s", path, state.epoch, state.step,
              sorted({n.split(".")[0] for n in new}) or "none")

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from esvit_scale.checkpoint.files import BackgroundWriter, CheckpointError, rng_state, save_file
 from esvit_scale.checkpoint.manifest import describe_files, find_problems, read_marker, write_marker
+from esvit_scale.engine import collectives
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +34,15 @@ def tag_for(step: int) -> str:
     return f"step{step:09d}"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _gather(obj) -> list:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out: list = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _broadcast(obj):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
 @torch.no_grad()
-def weights_finite(engine, teacher) -> bool:
+def weights_finite(parts) -> bool:
     """Collective: every rank's local student parameters (its shards at ZeRO-3) and teacher are finite."""
     from esvit_scale.engine.teacher import _local
-    tensors = [_local(p) for p in engine.module.parameters()] + [_local(p) for p in teacher.teacher_params]
+    tensors = [_local(p) for p in parts.engine.module.parameters()] + [_local(p) for p in parts.teacher.teacher_params]
     # one pass per tensor and no mask: a NaN or inf anywhere makes the sum non-finite (isfinite().all() took 4 s
     # for a Swin-T pair on 2 cores, the sums a fraction of that)
     sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors if t.numel()]).cpu()
-    ok = torch.tensor([float(torch.isfinite(sums).all())])
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    return collectives.every_rank(bool(torch.isfinite(sums).all()))
 
 
 class CheckpointStore:
@@ -78,8 +50,7 @@ class CheckpointStore:
         self.root = Path(output_dir) / "checkpoints"
         self.keep, self.layout, self.asynchronous = keep, layout, asynchronous
         self.pending: Optional[tuple] = None          # the asynchronous save in flight
-        self.bad: set[str] = set()           # found damaged at the start of this run: never counted as kept
-        self.resumed_from: Optional[Path] = None
+        self.bad: dict[str, str] = {}        # tag -> what is wrong, for those found damaged: never counted as kept
 
     # ------------------------------------------------------------------ reading
 
@@ -93,34 +64,35 @@ class CheckpointStore:
 
     def _folders(self) -> list[tuple[str, Optional[dict]]]:
         """Collective: rank 0's listing, the same on every rank."""
-        return _broadcast(self._listing() if _rank() == 0 else None)
+        return collectives.broadcast_object(self._listing() if collectives.rank() == 0 else None)
 
     def newest_usable(self) -> Optional[Path]:
         """Collective: the newest complete checkpoint whose files all verify; None if there is none at all.
-        Damaged ones are skipped with a warning naming the file; if every one is damaged the run stops."""
+        Damaged ones are skipped with a warning naming the file (and kept in `bad`); if every one is damaged the
+        run stops."""
         folders = self._folders()
+        main = collectives.rank() == 0
         unfinished = [t for t, m in folders if m is None]
-        if unfinished and _rank() == 0:
+        if unfinished and main:
             log.warning("ignoring unfinished checkpoints (no COMPLETE marker, or REJECTED): %s", ", ".join(unfinished))
         skipped = []
-        for tag, marker in reversed([(t, m) for t, m in folders if m is not None]):
+        for tag, marker in reversed([(t, m) for t, m in folders if m is not None and t not in self.bad]):
             path = self.root / tag
             problems = find_problems(path, marker)
             if problems:
-                self.bad.add(tag)
+                self.bad[tag] = problems[0]
                 skipped.append(f"{tag}: {problems[0]}")
-                if _rank() == 0:
+                if main:
                     log.warning("skipping checkpoint %s: %s", path, "; ".join(problems))
                 continue
-            if "files" not in marker and _rank() == 0:
+            if "files" not in marker and main:
                 log.warning("checkpoint %s has no manifest (written by an older version): its files are not "
                             "verified", path)
-            self.resumed_from = path
             return path
-        if skipped:
+        if skipped or self.bad:
             raise CheckpointError(f"no usable checkpoint in {self.root}: every complete one is damaged "
-                                  f"({'; '.join(skipped)}). Repair or move them away (a run without checkpoints "
-                                  "starts afresh).")
+                                  f"({'; '.join(f'{t}: {why}' for t, why in self.bad.items())}). Repair or move "
+                                  "them away (a run without checkpoints starts afresh).")
         return None
 
     def last_good(self, excluding: Optional[str] = None) -> Optional[Path]:
@@ -133,48 +105,49 @@ class CheckpointStore:
         newest checkpoint left to resume from."""
         tag = tag_for(step)
         path = self.root / tag
-        if _rank() == 0 and (path / "COMPLETE").is_file():
+        if collectives.rank() == 0 and (path / "COMPLETE").is_file():
             (path / REJECTED).write_text(reason + "\n")
             log.warning("marked %s as %s: %s", path, REJECTED, reason)
         return self.last_good(excluding=tag)
 
     # ------------------------------------------------------------------ writing
 
-    def save(self, step: int, engine, teacher, client_state: dict) -> Path:
+    def save(self, step: int, parts, client_state: dict) -> Path:
         """Collective: every rank calls it. Returns the checkpoint folder. Asynchronous: the state is serialized
-        into memory here and written by a thread; the checkpoint is completed by the next save or finish()."""
+        into memory here and written by a thread; the checkpoint is completed by the next save or finish().
+        A failed write (a full disk) raises CheckpointError on every rank, with the partial folder removed."""
         self.finish()                                 # at most one save in flight
         path = self.root / tag_for(step)
-        if not weights_finite(engine, teacher):
+        if not weights_finite(parts):
             raise FloatingPointError(f"the weights after step {step} are not finite: checkpoint {path} not written. "
                                      f"Last good checkpoint: {self.last_good() or 'none'}.")
-        rank = _rank()
+        rank, engine = collectives.rank(), parts.engine
         if rank == 0 and path.exists():              # a leftover of an interrupted or rejected save of this step
             shutil.rmtree(path)
-        _barrier()
+        collectives.barrier()
         writer = BackgroundWriter() if self.asynchronous else None
-        engine.checkpoint_engine.writer = writer
-        try:
-            engine.save_checkpoint(str(self.root), tag=path.name)    # has collectives inside: a failure ends here
-        except OSError as e:
-            self._failed(path, [str(e)])
+        engine.checkpoint_engine.begin_save(writer)
+        try:                                          # DeepSpeed's files; its write errors are kept, not raised
+            engine.save_checkpoint(str(self.root), tag=path.name, save_latest=False)
         finally:
-            engine.checkpoint_engine.writer = None
-        error = None
-        try:
-            save_file(rng_state(), path / f"rank{rank}.pt", writer)
-            if teacher.partitioned:                  # each rank its own shard: no rank ever holds the whole teacher
-                save_file(teacher.local_state(), path / f"teacher_rank{rank}.pt", writer)
-            elif rank == 0:
-                save_file(teacher.full_state_dict(), path / "teacher.pt", writer)
-            if rank == 0:
-                save_file(client_state, path / "client_state.pt", writer)
-        except OSError as e:
-            error = str(e)
-        if writer is not None and error is None:
-            writer.start()
-            self.pending = (path, step, writer)
-            return path
+            error = engine.checkpoint_engine.end_save()
+        if error is None:
+            try:
+                save_file(rng_state(), path / f"rank{rank}.pt", writer)
+                if parts.teacher.partitioned:        # each rank its own shard: no rank ever holds the whole teacher
+                    save_file(parts.teacher.local_state(), path / f"teacher_rank{rank}.pt", writer)
+                elif rank == 0:
+                    save_file(parts.teacher.full_state_dict(), path / "teacher.pt", writer)
+                if rank == 0:
+                    save_file(client_state, path / "client_state.pt", writer)
+            except OSError as e:
+                error = str(e)
+        if writer is not None:
+            error = collectives.first_error(error)    # every rank starts its writer, or none does
+            if error is None:
+                writer.start()
+                self.pending = (path, step, writer)
+                return path
         self._complete(path, step, error)
         return path
 
@@ -186,22 +159,28 @@ class CheckpointStore:
             self._complete(path, step, writer.wait())
 
     def _complete(self, path: Path, step: int, error: Optional[str]) -> None:
-        errors = [e for e in _gather(error) if e]           # every rank has finished writing: safe to clean up
-        if errors:
-            self._failed(path, errors)
+        error = collectives.first_error(error)        # every rank has finished writing: safe to clean up
+        if error:
+            self._failed(path, error)
         files = describe_files(path)
-        if _rank() == 0:
+        if collectives.rank() == 0:
             try:
                 write_marker(path, step, self.layout, files)
             except OSError as e:
-                self._failed(path, [str(e)])
-        _barrier()
+                error = str(e)
+        error = collectives.broadcast_object(error)
+        if error:
+            self._failed(path, error)
+        collectives.barrier()
         self._prune(newest=path.name)
-        _barrier()
+        collectives.barrier()
 
-    def _failed(self, path: Path, errors: list[str]):
-        shutil.rmtree(path, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint {path} failed: {'; '.join(errors)}. Its partial folder was removed; "
+    def _failed(self, path: Path, error: str):
+        """Collective (every rank agreed on `error`): remove the partial folder, raise on every rank."""
+        if collectives.rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        collectives.barrier()
+        raise CheckpointError(f"saving checkpoint {path} failed: {error}. Its partial folder was removed; "
                               f"the previous checkpoint {self.last_good() or '(none)'} is untouched.")
 
     def _prune(self, newest: str) -> None:
@@ -210,6 +189,6 @@ class CheckpointStore:
         good = [t for t, m in self._folders() if m is not None and t not in self.bad and t <= newest]
         protected = set(good[-self.keep:]) | {t for t in good[-2:-1]}
         for tag in good:
-            if tag not in protected and _rank() == 0:
+            if tag not in protected and collectives.rank() == 0:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
                 shutil.rmtree(self.root / (tag + "_universal"), ignore_errors=True)   # restore.universal_copy

@@ -55,7 +55,8 @@ def _expand_ranges(ranges: str) -> list[str]:
 
 def rendezvous_from_slurm(env=os.environ) -> tuple[str, int]:
     """(MASTER_ADDR, MASTER_PORT) for a job's tasks: the first host of the job's node list, and a port derived from
-    the job id and restart count (a requeued job gets a new one while the old sockets may linger)."""
+    the job id, its requeue count and slurm/launch.sh's attempt (a requeued or restarted job gets a new one while the
+    old sockets may linger); the same formula as slurm/job.sh's."""
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise RuntimeError("SLURM_JOB_NODELIST is not set: cannot tell the rendezvous host of this job; "
@@ -63,8 +64,8 @@ def rendezvous_from_slurm(env=os.environ) -> tuple[str, int]:
     hosts = expand_nodelist(nodelist)
     if not hosts:
         raise RuntimeError(f"SLURM_JOB_NODELIST={nodelist!r} names no host; set MASTER_ADDR and MASTER_PORT")
-    job, restarts = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0") or 0)
-    return hosts[0], 20000 + (job * 7 + restarts) % 20000
+    job, requeues = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    return hosts[0], 20000 + (job * 7 + requeues * 16) % 20000 + int(env.get("ESVIT_ATTEMPT", "0") or 0)
 
 
 def slurm_node_count(env=os.environ) -> int:
@@ -98,3 +99,17 @@ def job_end_time(env=os.environ) -> Optional[float]:
         return None
     left = parse_time_left(out.splitlines()[0] if out.strip() else "")
     return None if left is None else time.time() + left
+
+
+def stop_deadline(margin_minutes: float) -> Optional[float]:
+    """When to save and exit before the SLURM job's time limit (None outside SLURM, without a limit, or off)."""
+    if margin_minutes <= 0:
+        return None
+    end = job_end_time()
+    if end is None:
+        return None
+    deadline = end - 60 * margin_minutes
+    log.info("the job ends at %s: saving and exiting for a requeue at %s (run.exit_before_end_minutes=%g)",
+             time.strftime("%H:%M:%S", time.localtime(end)), time.strftime("%H:%M:%S", time.localtime(deadline)),
+             margin_minutes)
+    return deadline

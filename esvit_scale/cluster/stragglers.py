@@ -12,7 +12,8 @@ import statistics
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from esvit_scale.engine import collectives
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,7 @@ class StragglerMonitor:
         self.hosts = self._gather_hosts() if self.enabled else []
 
     def _gather_hosts(self) -> list[str]:
-        hosts: list[Optional[str]] = [None] * self.world_size
-        dist.all_gather_object(hosts, socket.gethostname())
-        return [h or "?" for h in hosts]
+        return [h or "?" for h in collectives.all_gather_object(socket.gethostname())]
 
     def record(self, phases: Optional[dict[str, float]]) -> None:
         """The phase seconds of a timed micro-batch (None when it was not timed)."""
@@ -49,7 +48,7 @@ class StragglerMonitor:
         times = torch.zeros(self.world_size, dtype=torch.float64,
                             device=self.device if self.device.type == "cuda" else "cpu")
         times[self.rank] = mine
-        dist.all_reduce(times)
+        collectives.sum_over_ranks_(times)
         self._samples = []
         return self._judge(step, times.cpu().tolist())
 

@@ -56,3 +56,16 @@ if __name__ == "__main__":
         sys.exit("usage: python -m esvit_scale.data.digits OUT_DIR    (writes OUT_DIR/train and OUT_DIR/val)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(make_digits_folder(sys.argv[1]))
+
+
+def quickstart_paths(cfg) -> tuple[str, str, str]:
+    """(train folder, k-NN train folder, k-NN val folder); without data.path, the quickstart's real images:
+    scikit-learn's digits written once to <output_dir>/quickstart_data."""
+    if cfg.data.path is not None:
+        return cfg.data.path, cfg.eval.train_path or cfg.data.path, cfg.eval.val_path
+    from esvit_scale.engine import collectives
+    root = Path(cfg.run.output_dir) / "quickstart_data"
+    if collectives.rank() == 0:
+        make_digits_folder(root)
+    collectives.barrier()
+    return str(root / "train"), cfg.eval.train_path or str(root / "train"), cfg.eval.val_path or str(root / "val")

@@ -7,11 +7,15 @@ each (B, 3, S, S) float32, normalised with the ImageNet mean/std. The teacher se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 
 from esvit_scale.config import DataConfig
+
+if TYPE_CHECKING:
+    from esvit_scale.data.folder import ImageIndex
+    from esvit_scale.data.sampler import ShardedOrder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +49,11 @@ def crop_specs(data: DataConfig) -> list[CropSpec]:
 
 
 class MultiCropLoader(Protocol):
-    """The interface the training loop reads; `epoch(e, start_batch)` resumes mid-epoch exactly."""
+    """The interface the training loop reads; `epoch(e, start_batch)` resumes mid-epoch exactly. `order` says which
+    samples each batch holds (data.sampler.ShardedOrder), `index` which file each sample is (data.folder.ImageIndex)."""
+
+    order: "ShardedOrder"
+    index: "ImageIndex"
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

@@ -34,6 +34,13 @@ class ShardedOrder:
         kept = perm[: self.num_batches * self.batch_size * self.world_size]
         return kept[self.rank:: self.world_size]
 
+    def global_samples(self, epoch: int, first_batch: int, num_batches: int) -> np.ndarray:
+        """Every rank's samples of micro-batches [first_batch, first_batch + num_batches) of `epoch`: after b
+        micro-batches per rank, the first b * batch_size * world_size samples of the permutation have been read."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        per_batch = self.batch_size * self.world_size
+        return perm[first_batch * per_batch:(first_batch + num_batches) * per_batch]
+
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
         idx = self.indices(epoch)
         for b in range(start_batch, self.num_batches):

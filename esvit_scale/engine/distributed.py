@@ -35,6 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_rank_and_world(env=os.environ) -> tuple[int, int]:
+    """(rank, world size) as the launcher set them (torchrun's RANK/WORLD_SIZE, srun's SLURM_PROCID/SLURM_NTASKS),
+    before any process group exists; (0, 1) for a plain `python train.py`."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
 def resolve_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,11 +115,32 @@ def init_distributed(device: str, timeout_minutes: float = 30.0) -> DistInfo:
     if device == "cpu" and os.environ["WORLD_SIZE"] == "1":
         _skip_shared_memory_comm_op()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False,
-                                   timeout=timedelta(minutes=timeout_minutes))
+        backend, timeout = ("nccl" if device == "cuda" else "gloo"), timedelta(minutes=timeout_minutes)
+        store = _restart_store(timeout)
+        if store is not None:
+            torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)   # reuses a group
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     return DistInfo(rank, local_rank, world, dev)
+
+
+def restart_prefix() -> str:
+    """Store keys of this attempt of the workers: torchrun restarts them (--max-restarts) around a store that
+    outlives them."""
+    return f"esvit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
+def _restart_store(timeout: timedelta):
+    """Under torchrun, the process group's store is the launcher's, which outlives the workers: restarted workers
+    that used the same key names as their predecessors would read the addresses of dead ones (gloo then fails to
+    connect, restart after restart). Keys of their own per attempt. None where the group makes its own store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return torch.distributed.PrefixStore(restart_prefix(), store)
 
 
 def _skip_shared_memory_comm_op() -> None:

@@ -3,29 +3,47 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from esvit_scale.config import Config
+from esvit_scale.config import Config, ConfigError
 from esvit_scale.models.esvit import last_layer_parameter_names
 
 log = logging.getLogger("esvit_scale")
 
 
-def accumulation_steps(cfg: Config, world_size: int) -> int:
+@dataclass(frozen=True)
+class BatchSplit:
+    """How the global batch of one optimizer step is cut: micro-batches per rank x accumulation x ranks."""
+    micro: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accumulation * self.world_size
+
+
+def batch_split(cfg: Config, world_size: int) -> BatchSplit:
+    """The split for `world_size` ranks: deepspeed.grad_accum_steps, or derived from deepspeed.global_batch_size,
+    which the ranks' micro-batches must divide (ConfigError otherwise, naming the key)."""
     ds, micro = cfg.deepspeed, cfg.data.batch_size_per_gpu
     if ds.global_batch_size is None:
-        return ds.grad_accum_steps
+        return BatchSplit(micro, ds.grad_accum_steps, world_size)
     per_step = micro * world_size
     if ds.global_batch_size % per_step:
-        raise ValueError(f"deepspeed.global_batch_size={ds.global_batch_size} is not a multiple of "
-                         f"data.batch_size_per_gpu x world size = {micro} x {world_size}")
-    return ds.global_batch_size // per_step
+        per_rank = ds.global_batch_size // micro if ds.global_batch_size % micro == 0 else 0
+        fits = [n for n in range(1, per_rank + 1) if per_rank % n == 0]
+        raise ConfigError(f"deepspeed.global_batch_size: {ds.global_batch_size} is not a multiple of "
+                          f"data.batch_size_per_gpu x ranks = {micro} x {world_size} = {per_step}; with this "
+                          f"micro-batch it divides for {', '.join(map(str, fits[:8])) or 'no'} rank count(s)")
+    return BatchSplit(micro, ds.global_batch_size // per_step, world_size)
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    micro, accum = cfg.data.batch_size_per_gpu, accumulation_steps(cfg, world_size)
+    split = batch_split(cfg, world_size)
     precision = cfg.deepspeed.precision
     zero: dict = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage == 3:
@@ -37,9 +55,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         if cfg.deepspeed.zero_stage == 3:
             zero.update(stage3_prefetch_bucket_size=n, stage3_max_live_parameters=n)
     return {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": split.micro,
+        "gradient_accumulation_steps": split.accumulation,
+        "train_batch_size": split.global_batch,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
@@ -95,15 +113,14 @@ def build_optimizer(model: nn.Module, cfg: Config, device_type: str) -> torch.op
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, fused=True)
 
 
-def build_student_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
-    """load_universal: the engine will load a universal checkpoint (one converted for another layout)."""
+def build_student_engine(cfg: Config, model: nn.Module, world_size: int):
+    """The student under DeepSpeed with its optimizer. Whether a checkpoint loads as DeepSpeed's universal one is
+    decided per load (checkpoint/restore.py), not here."""
     import deepspeed
     device_type = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
     optimizer = build_optimizer(model, cfg, device_type)
-    config = deepspeed_config(cfg, world_size)
-    if load_universal:
-        config["checkpoint"] = {"load_universal": True}
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, world_size))
     return engine, optimizer
 
 

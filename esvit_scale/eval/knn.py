@@ -8,11 +8,11 @@ import logging
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from esvit_scale.data.folder import ImageIndex, index_folder
+from esvit_scale.engine import collectives
 from esvit_scale.data.torch_loader import open_rgb
 from esvit_scale.data.transforms import eval_transform
 
@@ -36,7 +36,7 @@ def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], index: Ima
                      normalize: bool = True) -> torch.Tensor:
     """(N, C) features in index order, L2-normalised unless told not to. Every rank calls it (ZeRO-3 forwards are
     collective); each embeds its share and the shares are gathered."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = collectives.rank(), collectives.world_size()
     mine = list(range(rank, len(index), world))
     data = EvalImages([index.paths[i] for i in mine], resize, crop)
     feats = []
@@ -53,8 +53,7 @@ def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], index: Ima
     local = torch.cat(feats) if feats else torch.zeros(0, 1)
     if world == 1:
         return local
-    shares = [None] * world
-    dist.all_gather_object(shares, (mine, local))
+    shares = collectives.all_gather_object((mine, local))
     full = torch.zeros(len(index), max(s[1].shape[1] for s in shares))
     for idx, f in shares:
         if len(idx):

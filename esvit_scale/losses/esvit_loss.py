@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from esvit_scale.config import LossConfig
+from esvit_scale.engine import collectives
 from esvit_scale.losses.koleo import KoLeoTerm
 from esvit_scale.losses.monitors import feature_spread
 from esvit_scale.losses.region import RegionTerm
@@ -101,9 +101,6 @@ class EsViTLoss(nn.Module):
 
 def _global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over the rows of x on every rank: (1, K)."""
-    total = x.float().sum(dim=0, keepdim=True)
-    count = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
-        dist.all_reduce(count)
+    total = collectives.sum_over_ranks_(x.float().sum(dim=0, keepdim=True))
+    count = collectives.sum_over_ranks_(torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device))
     return total / count

@@ -14,8 +14,8 @@ cfg = load_config("configs/quickstart.yaml", sys.argv[2:] + [f"run.init_from={so
 tr = Trainer(cfg)
 student_ckpt = read_student_weights(source)
 teacher_ckpt = torch.load(source / "teacher.pt", weights_only=True)
-student = dict(tr.engine.module.named_parameters())
-teacher = dict(tr.teacher.module.named_parameters())
+student = dict(tr.parts.engine.module.named_parameters())
+teacher = dict(tr.parts.teacher.module.named_parameters())
 assert student_ckpt.keys() == teacher_ckpt.keys() and len(student_ckpt) > 10
 for name, value in student_ckpt.items():
     assert torch.equal(student[name].detach(), value), name

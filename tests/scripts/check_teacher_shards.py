@@ -22,9 +22,9 @@ def refuse():
     raise AssertionError("the save gathered the whole teacher")
 
 
-tr.teacher.full_state_dict, full_state_dict = refuse, tr.teacher.full_state_dict
+tr.parts.teacher.full_state_dict, full_state_dict = refuse, tr.parts.teacher.full_state_dict
 path = tr.save()
-tr.teacher.full_state_dict = full_state_dict
+tr.parts.teacher.full_state_dict = full_state_dict
 assert not (path / "teacher.pt").exists()
 mine = load_file(path / f"teacher_rank{rank}.pt")
 total = sum(torch.Size(s).numel() for s in mine["shapes"])

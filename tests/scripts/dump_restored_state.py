@@ -23,15 +23,15 @@ tr = Trainer(cfg)
 assert tr.state.step > 0, "nothing was resumed"
 
 
-if hasattr(tr.optimizer, "_lazy_init_hp_params_optimizer_state"):
-    tr.optimizer._lazy_init_hp_params_optimizer_state()   # ZeRO 1-2 link parameters to it only at the first step
+if hasattr(tr.parts.optimizer, "_lazy_init_hp_params_optimizer_state"):
+    tr.parts.optimizer._lazy_init_hp_params_optimizer_state()   # ZeRO 1-2 link parameters to it only at the first step
 
 
 def adam_state(p, key):
     """None for a parameter without optimizer state (frozen, e.g. the last layer in epoch 0)."""
     value = safe_get_full_optimizer_state(p, key) if p.requires_grad else None
-    if value is None and key in tr.optimizer.state.get(p, {}):   # ZeRO-0: the torch optimizer's own tensors
-        value = tr.optimizer.state[p][key]
+    if value is None and key in tr.parts.optimizer.state.get(p, {}):   # ZeRO-0: the torch optimizer's own tensors
+        value = tr.parts.optimizer.state[p][key]
     return None if value is None else value.detach().float().cpu().clone()
 
 
@@ -42,19 +42,19 @@ def weights(p):
 
 
 def adam_step(p):
-    opt = getattr(tr.optimizer, "optimizer", tr.optimizer)
+    opt = getattr(tr.parts.optimizer, "optimizer", tr.parts.optimizer)
     states = [s for s in opt.state.values() if "step" in s]
     return float(states[0]["step"])
 
 
 student, exp_avg, exp_avg_sq = {}, {}, {}
-for name, p in tr.engine.module.named_parameters():
+for name, p in tr.parts.engine.module.named_parameters():
     student[name] = weights(p)
     exp_avg[name], exp_avg_sq[name] = adam_state(p, "exp_avg"), adam_state(p, "exp_avg_sq")
 state = {"student": student, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
-         "adam_step": adam_step(next(tr.engine.module.parameters())),
-         "teacher": {k: v.float().cpu() for k, v in tr.teacher.full_state_dict().items()},
-         "centres": {k: v.float().cpu() for k, v in tr.loss_fn.state_dict().items()},
+         "adam_step": adam_step(next(tr.parts.engine.module.parameters())),
+         "teacher": {k: v.float().cpu() for k, v in tr.parts.teacher.full_state_dict().items()},
+         "centres": {k: v.float().cpu() for k, v in tr.parts.loss_fn.state_dict().items()},
          "position": [tr.state.epoch, tr.state.step]}
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save(state, out)
