@@ -16,7 +16,7 @@
 # - --restarts N: a failed attempt (any status but 0, 2 = config error, and 75) is run again inside the allocation,
 #   up to N times, as esvit_scale/cluster/restarts.py decides from the run's events log ($ESVIT_OUTPUT_DIR): after a
 #   back-off, with a node named in two failures left out (srun --exclude, on fewer nodes) or the job requeued with
-#   it excluded. Each attempt gets ESVIT_ATTEMPT and its own MASTER_PORT. When the restarts are used up, one line
+#   it excluded (slurm/requeue_excluding.sh). Each attempt gets ESVIT_ATTEMPT and its own MASTER_PORT. When the restarts are used up, one line
 #   says why and the status is the last attempt's.
 # - --requeue (inside a SLURM batch job): on 75, `scontrol requeue` the job, which then resumes from its
 #   checkpoint, and exit 0. The batch templates `exec` this script, so that it is the batch shell that SLURM's
@@ -110,7 +110,7 @@ while true; do
     eval "$plan"
     if [ "$action" = "requeue" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
         echo "[launch] $reason" >&2
-        scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$exclude" >&2 && scontrol requeue "$SLURM_JOB_ID" && exit 0
+        "$(dirname "$0")/requeue_excluding.sh" "$SLURM_JOB_ID" "$exclude" && exit 0
         echo "[launch] giving up: the requeue with $exclude excluded was refused" >&2
         break
     fi

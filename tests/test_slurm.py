@@ -120,6 +120,30 @@ def test_a_killed_rank_then_a_stalled_rank_then_a_preemption_the_job_completes_w
     assert log.count("restarting in") == 2 and "requeueing job" in log
 
 
+def test_a_job_requeues_itself_with_a_failing_host_excluded(tmp_path):
+    """slurm/requeue_excluding.sh, as launch.sh runs it for a node named in two failures: SLURM changes the excluded
+    nodes of pending jobs only, so a helper job sets them once the job is back in the queue, and releases it. On this
+    one-node cluster the job then waits (no node left), which is how the exclusion shows."""
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\n[ \"${{SLURM_RESTART_COUNT:-0}}\" = 0 ] || exit 0\n"
+                      f"{ROOT}/slurm/requeue_excluding.sh \"$SLURM_JOB_ID\" \"$SLURMD_NODENAME\"\nsleep 60\n")
+    out = tmp_path / "requeue"
+    proc = subprocess.run(["sbatch", "--parsable", "--requeue", f"--output={out}.slurm.log", str(script)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    try:
+        wait_until("the exclusion", lambda: job(job_id).get("ExcNodeList") not in (None, "(null)") and
+                   job(job_id).get("Reason") != "job_requeued_in_held_state", out, timeout=120)
+        info = job(job_id)
+        assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
+        node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+        assert info["ExcNodeList"] == node, info
+        assert "helper job excludes" in job_log(out)
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+
+
 def test_a_signal_during_start_up_requeues_and_the_restarted_job_finishes(image_folder, tmp_path):
     out = tmp_path / "startup"
     job_id = submit(out, tiny_overrides(image_folder, out, **{"run.max_steps": 3}),
