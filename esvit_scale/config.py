@@ -173,6 +173,9 @@ class EvalConfig:
     val_path: Optional[str] = None
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
+    # how each rank stores its shard of the k-NN bank: bf16 halves it (at 14 M images x 768, 21 GB in fp32), and on
+    # the digits moves a vote or two of 360 (docs/performance.md)
+    knn_dtype: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
     linear_at_end: bool = False        # linear probe of the teacher (at initialisation and at the end), as knn_at_end
     linear_blocks: int = 4             # features: token averages of this many last blocks, concatenated
     linear_epochs: int = 100

@@ -160,9 +160,8 @@ class Recovery:
     def _skip(self, state, accumulation: int, details: dict) -> None:
         """The fault came back at its step: its micro-batches (every rank's) are skipped from now on."""
         samples = self.loader.order.global_samples(state.epoch, state.batch_in_epoch - accumulation, accumulation)
-        paths = self.loader.index.paths
         entry = {"epoch": state.epoch, "samples": [int(i) for i in samples],
-                 "files": [paths[int(i)] for i in samples], "reason": f"persistent {details['fault']}"}
+                 "files": [self.loader.source.name(int(i)) for i in samples], "reason": f"persistent {details['fault']}"}
         self.skipped.add(state.step, entry, write=self.is_main)
         self._record("skipped_batch", state.step, action="persistent: rewinding again, its batches skipped from now "
                      "on", samples=entry["samples"], files=entry["files"][:20], **details)

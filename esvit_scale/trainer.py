@@ -55,7 +55,7 @@ class Trainer:
         from esvit_scale.cluster.watchdog import RunGuard
         from esvit_scale.data.build import build_loader
         from esvit_scale.data.digits import quickstart_paths
-        from esvit_scale.data.folder import index_folder
+        from esvit_scale.data.source import open_source_collectively
         from esvit_scale.eval.during_training import TeacherProbe
         from esvit_scale.losses.monitors import CollapseWatch
         from esvit_scale.metrics import MetricsLogger, Throughput, model_flops_and_peak
@@ -81,8 +81,8 @@ class Trainer:
 
         # ---- data and schedules
         train_path, knn_train, knn_val = quickstart_paths(cfg)      # data.path, or the quickstart's digits
-        self.loader = build_loader(cfg.data, index_folder(train_path), self.dist.rank, self.dist.world_size,
-                                   run.seed, device)
+        self.loader = build_loader(cfg.data, open_source_collectively(train_path), self.dist.rank,
+                                   self.dist.world_size, run.seed, device)
         self.steps_per_epoch = len(self.loader) // self.split.accumulation
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch has {len(self.loader)} batches per rank, fewer than "

@@ -1,5 +1,5 @@
-"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling,allreduce,chaos}
---json PATH`.
+"""Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling,allreduce,chaos,index,
+knn} --json PATH`.
 
 Each subcommand lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "allreduce": "esvit_scale.bench.allreduce",     # the bus bandwidth of collectives between this node's ranks
     "scaling": "esvit_scale.bench.scaling",   # images/s and efficiency, 1-512 GPUs: predicted, and a sweep's points
     "chaos": "esvit_scale.bench.chaos",       # a real job under random faults vs the same job without: exact recovery
+    "index": "esvit_scale.bench.index",       # a folder index at ImageNet size: build time, memory loaded
+    "knn": "esvit_scale.bench.knn",           # the distributed k-NN on a synthetic bank: seconds, memory per rank
 }
 
 
@@ -34,6 +36,16 @@ def main(argv=None) -> None:
             mod.add_arguments(p)
     args = parser.parse_args(argv)
     importlib.import_module(SUBCOMMANDS[args.command]).run(args)
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():    # a benchmark of several ranks: leave as train.py does
+            import logging
+            import os
+            dist.destroy_process_group()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)        # the interpreter's teardown now and then aborts in a C++ thread's destructor
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""DALI vs torch/PIL multi-crop loader throughput on the same JPEG folder (images/s, speedup)."""
+"""DALI vs torch/PIL multi-crop loader throughput on the same JPEGs (images/s, speedup), from the folder and, with
+`--sources folder,shards`, from tar shards of it (data/shard.py): the rows `<loader>@<source>`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,6 +50,9 @@ def add_arguments(parser) -> None:
                         help="timed epochs per loader (after one warm-up), alternating")
     parser.add_argument("--loaders", default="torch,dali",
                         help="comma-separated: torch, dali, dali_stock (DALI without the esvit_multi_crop plugin)")
+    parser.add_argument("--sources", default="folder",
+                        help="comma-separated: folder, shards (the folder written as tar shards first)")
+    parser.add_argument("--shard-size", default="16MB", help="bytes per shard with --sources ...shards")
     parser.add_argument("--json", default=None, help="write the results here")
 
 
@@ -91,7 +95,8 @@ def run(args) -> dict:
 
     from esvit_scale.bench.report import cpu_model, write_json
     from esvit_scale.config import DataConfig
-    from esvit_scale.data.folder import index_folder
+    from esvit_scale.data.shard import parse_size, write_shards
+    from esvit_scale.data.source import open_source, prepare_source
 
     load_start = os.getloadavg()[0]     # the machine is shared: report how busy it was
     tmp = None
@@ -102,37 +107,52 @@ def run(args) -> dict:
     data = DataConfig(batch_size_per_gpu=args.batch_size, num_workers=args.workers,
                       global_crops_size=args.global_size, local_crops_size=[args.local_size],
                       local_crops_number=[args.local_number])
-    index = index_folder(folder)
+    source_names = args.sources.split(",")
+    sources = {}
+    for kind in source_names:
+        if kind == "folder":
+            prepare_source(folder)
+            sources[kind] = open_source(folder)
+        elif kind == "shards":
+            shards = tempfile.TemporaryDirectory(prefix="esvit_bench_shards_")
+            write_shards(folder, shards.name, parse_size(args.shard_size))
+            sources[kind] = open_source(shards.name)
+        else:
+            raise SystemExit(f"unknown source {kind!r} (folder, shards)")
+    index = next(iter(sources.values()))
     torch.set_num_threads(1)                  # the main process only collates/copies
     loaders = {}
-    for name in args.loaders.split(","):
-        if name in ("dali", "dali_stock"):
-            from esvit_scale.data.dali_loader import DaliMultiCropLoader
-            loader = DaliMultiCropLoader(index, data, seed=0, device_id=None,
-                                         plugin=False if name == "dali_stock" else None)
-        elif name == "torch":
-            from esvit_scale.data.torch_loader import TorchMultiCropLoader
-            loader = TorchMultiCropLoader(index, data, seed=0, pin_memory=False)
-        else:
-            raise SystemExit(f"unknown loader {name!r} (torch, dali, dali_stock)")
-        loaders[name] = loader
+    for kind, source in sources.items():
+        for name in args.loaders.split(","):
+            if name in ("dali", "dali_stock"):
+                from esvit_scale.data.dali_loader import DaliMultiCropLoader
+                loader = DaliMultiCropLoader(source, data, seed=0, device_id=None,
+                                             plugin=False if name == "dali_stock" else None)
+            elif name == "torch":
+                from esvit_scale.data.torch_loader import TorchMultiCropLoader
+                loader = TorchMultiCropLoader(source, data, seed=0, pin_memory=False)
+            else:
+                raise SystemExit(f"unknown loader {name!r} (torch, dali, dali_stock)")
+            loaders[name if len(sources) == 1 else f"{name}@{kind}"] = loader
     results = _time_loaders(loaders, args.epochs)
     report = {
         "benchmark": "loader",
         "folder": folder if tmp is None else f"generated: {args.num_images} JPEGs of ~450x475",
-        "num_images": len(index), "batch_size": args.batch_size, "workers_or_threads": args.workers,
+        "num_images": len(index), "sources": source_names, "batch_size": args.batch_size,
+        "workers_or_threads": args.workers,
         "crops": f"2 x {args.global_size} + {args.local_number} x {args.local_size}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
         "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "loaders": results,
     }
-    if "dali" in loaders:
-        report["dali_cpu_operators"] = "esvit_multi_crop plugin" if loaders["dali"].plugin else "DALI stock"
+    dali = next((loader for name, loader in loaders.items() if name.split("@")[0] == "dali"), None)
+    if dali is not None:
+        report["dali_cpu_operators"] = "esvit_multi_crop plugin" if dali.plugin else "DALI stock"
     if "dali" in results and "torch" in results:
         report["speedup_vs_torch"] = round(results["dali"]["images_per_s"] / results["torch"]["images_per_s"], 2)
-    print(f"{'loader':10s} {'images/s':>10s} {'images':>8s} {'seconds':>9s} {'CPU ms/image':>13s}")
+    print(f"{'loader':16s} {'images/s':>10s} {'images':>8s} {'seconds':>9s} {'CPU ms/image':>13s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} "
+        print(f"{name:16s} {r['images_per_s']:10.2f} {r['images']:8d} {r['seconds']:9.2f} "
               f"{r['cpu_ms_per_image']:13.1f}")
     if "speedup_vs_torch" in report:
         print(f"speedup (dali / torch): {report['speedup_vs_torch']:.2f}x, DALI CPU operators: "
@@ -141,4 +161,6 @@ def run(args) -> dict:
     write_json(report, args.json)
     if tmp is not None:
         tmp.cleanup()
+    if "shards" in sources:
+        shards.cleanup()
     return report

@@ -56,9 +56,9 @@ def synthetic_batches(cfg: Config, n: int, seed: int = 0):
 def loader_batches(cfg: Config, rank: int, world_size: int, device: torch.device):
     """Batches of the real loader, epoch after epoch."""
     from esvit_scale.data.build import build_loader
-    from esvit_scale.data.folder import index_folder
+    from esvit_scale.data.source import open_source_collectively
     from esvit_scale.data.digits import quickstart_paths
-    loader = build_loader(cfg.data, index_folder(quickstart_paths(cfg)[0]), rank, world_size, cfg.run.seed,
+    loader = build_loader(cfg.data, open_source_collectively(quickstart_paths(cfg)[0]), rank, world_size, cfg.run.seed,
                           device.type)
     epoch = 0
     while True:

@@ -325,15 +325,12 @@ def initialise_from(path: Path, student: nn.Module, teacher: nn.Module, loss_fn:
 
 
 def _batches_at(batches: int, saved: Optional[dict], layout: dict, path: Path) -> int:
-    """The same position inside an epoch in micro-batches per rank of `layout` (the sampler's order of samples
-    does not depend on the split: after b micro-batches per rank, the first b * micro * world are read)."""
-    if saved is None or batches == 0:
+    """The checkpoint's position in micro-batches per rank of this run's layout (data.sampler.batches_at)."""
+    if saved is None:
         return batches
-    samples = batches * saved["micro_batch"] * saved["world_size"]
-    per_batch = layout["micro_batch"] * layout["world_size"]
-    step_samples = layout["global_batch"]
-    if samples % step_samples:
-        raise CheckpointError(f"checkpoint {path} stopped {samples} samples into its epoch, not a whole number "
-                              f"of this run's global batches ({step_samples}): change the batch settings or start "
-                              "from an epoch-end checkpoint")
-    return samples // per_batch
+    from esvit_scale.data.sampler import batches_at
+    try:
+        return batches_at(batches, (saved["micro_batch"], saved["world_size"]),
+                          (layout["micro_batch"], layout["world_size"]), layout["global_batch"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None

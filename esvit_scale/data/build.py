@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from esvit_scale.config import DataConfig
-from esvit_scale.data.folder import ImageIndex
+from esvit_scale.data.source import ImageSource
 from esvit_scale.data.multicrop import MultiCropLoader
 from esvit_scale.data.torch_loader import TorchMultiCropLoader
 
@@ -19,7 +19,7 @@ def dali_importable() -> bool:
     return True
 
 
-def build_loader(data: DataConfig, index: ImageIndex, rank: int, world_size: int, seed: int,
+def build_loader(data: DataConfig, source: ImageSource, rank: int, world_size: int, seed: int,
                  device: str) -> MultiCropLoader:
     kind = data.loader
     if kind == "auto":
@@ -30,9 +30,9 @@ def build_loader(data: DataConfig, index: ImageIndex, rank: int, world_size: int
                                "pip install nvidia-dali-cuda130 (or `pip install -e .[dali]`), or set data.loader=torch")
         from esvit_scale.data.dali_loader import DaliMultiCropLoader
         device_id = None if device == "cpu" else _local_cuda_device()
-        loader = DaliMultiCropLoader(index, data, rank=rank, world_size=world_size, seed=seed, device_id=device_id)
+        loader = DaliMultiCropLoader(source, data, rank=rank, world_size=world_size, seed=seed, device_id=device_id)
     else:
-        loader = TorchMultiCropLoader(index, data, rank=rank, world_size=world_size, seed=seed,
+        loader = TorchMultiCropLoader(source, data, rank=rank, world_size=world_size, seed=seed,
                                       pin_memory=device == "cuda")
     log.info("data loader: %s (%d batches per epoch per rank)", kind, len(loader))
     return loader

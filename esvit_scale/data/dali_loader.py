@@ -25,10 +25,10 @@ import torch
 
 from esvit_scale.config import DataConfig
 from esvit_scale.data import dali_params
-from esvit_scale.data.folder import ImageIndex
 from esvit_scale.data.image_check import Encoded, UnusableImage, check_image, probe_decode, read_encoded
 from esvit_scale.data.multicrop import crop_specs
 from esvit_scale.data.sampler import ShardedOrder, sample_seed
+from esvit_scale.data.source import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,13 @@ class BatchRecord:
 
 
 class DaliMultiCropLoader:
-    def __init__(self, index: ImageIndex, data: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
+    def __init__(self, source: ImageSource, data: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device_id: int | None = None, num_threads: int | None = None, plugin: bool | None = None):
         """`plugin`: run the CPU graph's crops in the esvit_multi_crop operator (dali_plugin); None: when it
         builds and loads and the crops need nothing it lacks (rotation). Ignored on a GPU (device_id set)."""
-        self.index, self.paths, self.seed = index, index.paths, seed
+        self.source, self.seed = source, seed
         self.specs = crop_specs(data)
-        self.order = ShardedOrder(len(index), data.batch_size_per_gpu, rank, world_size, seed)
+        self.order = ShardedOrder(len(source), data.batch_size_per_gpu, rank, world_size, seed)
         self.batch_size = data.batch_size_per_gpu
         self.device_id = device_id
         self.num_threads = max(1, num_threads if num_threads is not None else data.num_workers)
@@ -72,49 +72,51 @@ class DaliMultiCropLoader:
             raise ValueError("plugin=True: the esvit_multi_crop operator does not rotate; data.rotation_degrees "
                              "needs the stock DALI operators (plugin=None or False)")
         self.plugin = device_id is None and plugin is not False and not rotated and _plugin_loaded(bool(plugin))
-        self.unusable: dict[int, str] = {}          # index -> reason, found while reading
+        self.unusable: dict[int, str] = {}          # sample -> reason, found while reading
         self.last_batch: BatchRecord | None = None  # the batch most recently yielded
-        self._check_folder()
+        self._check_source()
 
     def __len__(self) -> int:
         return len(self.order)
 
     # ---- bad input -------------------------------------------------------------------------------------
-    def _check_folder(self) -> None:
-        """Fail now, with the folder's name, if no file of it decodes; otherwise cost one decode."""
+    def _check_source(self) -> None:
+        """Fail now, with the data's name, if no image of it decodes; otherwise cost one decode."""
         reasons = []
-        for i, path in enumerate(self.paths):
+        for i in range(len(self.source)):
+            if not self.source.available(i):
+                continue
             try:
-                check_image(path, self.device_id)
+                check_image(self.source, i, self.device_id)
                 return
             except UnusableImage as e:
                 self._mark_unusable(i, str(e))
-                reasons.append(f"{Path(path).name}: {e}")
-        raise RuntimeError(f"no usable image in {self.index.root}: all {len(self.paths)} image files are "
+                reasons.append(f"{Path(self.source.name(i)).name}: {e}")
+        raise RuntimeError(f"no usable image in {self.source.root}: all {len(self.source)} image files are "
                            f"unusable ({'; '.join(reasons[:5])}{' ...' if len(reasons) > 5 else ''})")
 
     def _mark_unusable(self, i: int, reason: str) -> None:
         if i not in self.unusable:
             self.unusable[i] = reason
-            log.warning("skipping unusable image %s: %s (%d skipped so far)", self.paths[i], reason,
+            log.warning("skipping unusable image %s: %s (%d skipped so far)", self.source.name(i), reason,
                         len(self.unusable))
 
     def skipped_files(self) -> list[str]:
-        """Every file left out so far: non-image names from the index, then unusable images."""
-        return list(self.index.skipped) + [self.paths[i] for i in sorted(self.unusable)]
+        """Everything left out so far: non-image names and damaged shards, then unusable images."""
+        return list(self.source.skipped) + [self.source.name(i) for i in sorted(self.unusable)]
 
     def _read(self, i: int) -> tuple[int, Encoded]:
         """Image i, or the next usable one in index order (wrapping)."""
-        n = len(self.paths)
+        n = len(self.source)
         for k in range(n):
             j = (i + k) % n
-            if j in self.unusable:
+            if j in self.unusable or not self.source.available(j):
                 continue
             try:
-                return j, read_encoded(self.paths[j])
+                return j, read_encoded(self.source, j)
             except UnusableImage as e:
                 self._mark_unusable(j, str(e))
-        raise RuntimeError(f"no usable image left in {self.index.root} ({len(self.unusable)} unusable)")
+        raise RuntimeError(f"no usable image left in {self.source.root} ({len(self.unusable)} unusable)")
 
     # ---- feeding --------------------------------------------------------------------------------------
     def _record(self, epoch: int, batch: int, requested: np.ndarray) -> BatchRecord:

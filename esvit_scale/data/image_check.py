@@ -29,11 +29,10 @@ class Encoded:
     height: int
 
 
-def read_encoded(path: str) -> Encoded:
-    """The file's bytes and pixel size, or UnusableImage(reason)."""
+def read_encoded(source, i: int) -> Encoded:
+    """Sample i of a data source (data/source.py): its bytes and pixel size, or UnusableImage(reason)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = source.read(i)
     except OSError as e:
         raise UnusableImage(f"cannot read: {e.strerror or e}") from None
     if not raw:
@@ -75,9 +74,9 @@ def probe_decode(data: np.ndarray, device_id: int | None = None) -> str | None:
     return None
 
 
-def check_image(path: str, device_id: int | None = None) -> Encoded:
-    """read_encoded plus a real decode: the startup test that the folder has a usable image."""
-    enc = read_encoded(path)
+def check_image(source, i: int, device_id: int | None = None) -> Encoded:
+    """read_encoded plus a real decode: the startup test that the source has a usable image."""
+    enc = read_encoded(source, i)
     err = probe_decode(enc.data, device_id)
     if err is not None:
         raise UnusableImage(f"decode failed: {err}")

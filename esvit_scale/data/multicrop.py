@@ -14,8 +14,8 @@ import torch
 from esvit_scale.config import DataConfig
 
 if TYPE_CHECKING:
-    from esvit_scale.data.folder import ImageIndex
     from esvit_scale.data.sampler import ShardedOrder
+    from esvit_scale.data.source import ImageSource
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,10 +50,10 @@ def crop_specs(data: DataConfig) -> list[CropSpec]:
 
 class MultiCropLoader(Protocol):
     """The interface the training loop reads; `epoch(e, start_batch)` resumes mid-epoch exactly. `order` says which
-    samples each batch holds (data.sampler.ShardedOrder), `index` which file each sample is (data.folder.ImageIndex)."""
+    samples each batch holds (data.sampler.ShardedOrder), `source` where they come from (data.source.ImageSource)."""
 
     order: "ShardedOrder"
-    index: "ImageIndex"
+    source: "ImageSource"
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""

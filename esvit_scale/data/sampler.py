@@ -50,3 +50,14 @@ class ShardedOrder:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one sample in one epoch, independent of rank, worker and batch."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def batches_at(batches: int, written: tuple[int, int], now: tuple[int, int], global_batch: int) -> int:
+    """A position inside an epoch, `batches` micro-batches per rank of (micro, world) `written`, in micro-batches per
+    rank of `now`: whatever the split, after b micro-batches per rank the first b x micro x world samples of the
+    epoch's permutation have been read. ValueError if that is not a whole number of global batches."""
+    samples = batches * written[0] * written[1]
+    if samples % global_batch:
+        raise ValueError(f"it stopped {samples} samples into its epoch, not a whole number of this run's global "
+                         f"batches ({global_batch}): change the batch settings or start from an epoch-end checkpoint")
+    return samples // (now[0] * now[1])

@@ -1,17 +1,18 @@
 """The reference multi-crop loader: PIL decode + augmentation in torch DataLoader workers."""
 from __future__ import annotations
 
+import io
 import logging
 from typing import Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from esvit_scale.config import DataConfig
-from esvit_scale.data.folder import ImageIndex
 from esvit_scale.data.multicrop import crop_specs
 from esvit_scale.data.sampler import ShardedOrder, sample_seed
+from esvit_scale.data.source import ImageSource
 from esvit_scale.data.transforms import multi_crop
 
 log = logging.getLogger(__name__)
@@ -19,53 +20,56 @@ log = logging.getLogger(__name__)
 MAX_FALLBACKS = 16   # unreadable images in a row before giving up on a sample
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode any PIL-readable image (grayscale, CMYK, palette, RGBA) to RGB; raises OSError if unreadable."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+def open_rgb(data: bytes | str) -> Image.Image:
+    """Decode any PIL-readable image (grayscale, CMYK, palette, RGBA), given its bytes or its path, to RGB; raises
+    OSError if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("cannot identify image file (not an image PIL reads)") from None
 
 
 class MultiCropDataset(Dataset):
     """Item (epoch, index) -> (the crops of image `index` augmented with the seed of (seed, epoch, index), the
-    unusable files met on the way as (path, reason)).
+    unusable samples met on the way as (index, reason)).
 
-    An unreadable image (corrupt, truncated, not an image) is replaced by the next readable one in index order, so
-    a long run is not killed by one bad file. Workers are separate processes: they hand what they found back with
-    the sample, and the loader counts and reports it; files known to be unusable (`known_unusable`, set by the
-    loader before each epoch) are not read again.
+    An unreadable image (corrupt, truncated, not an image, in a damaged shard) is replaced by the next readable one
+    in index order, so a long run is not killed by one bad file. Workers are separate processes: they hand what they
+    found back with the sample, and the loader counts and reports it; samples known to be unusable
+    (`known_unusable`, set by the loader before each epoch, and those the source knows it cannot read) are not tried.
     """
 
-    def __init__(self, index: ImageIndex, data: DataConfig, seed: int):
-        self.paths, self.specs, self.seed = index.paths, crop_specs(data), seed
-        self.root = index.root
+    def __init__(self, source: ImageSource, data: DataConfig, seed: int):
+        self.source, self.specs, self.seed = source, crop_specs(data), seed
         self.known_unusable: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], list[tuple[str, str]]]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
         epoch, index = key
-        found: list[tuple[str, str]] = []
-        tried = 0
-        for k in range(len(self.paths)):
-            i = (index + k) % len(self.paths)
-            if i in self.known_unusable:
+        found: list[tuple[int, str]] = []
+        n = len(self.source)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self.known_unusable or not self.source.available(i):
                 continue
             try:
-                img = open_rgb(self.paths[i])
+                img = open_rgb(self.source.read(i))
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                found.append((self.paths[i], str(e)))
-                tried += 1
-                if tried == MAX_FALLBACKS:
-                    raise RuntimeError(f"{MAX_FALLBACKS} unreadable images in a row from {self.paths[index]} "
-                                       f"(e.g. {found[0][0]}: {found[0][1]}): is {self.root} the right folder?")
+                found.append((i, str(e)))
+                if len(found) == MAX_FALLBACKS:
+                    raise RuntimeError(f"{MAX_FALLBACKS} unreadable images in a row from {self.source.name(index)} "
+                                       f"(e.g. {self.source.name(found[0][0])}: {found[0][1]}): is "
+                                       f"{self.source.root} the right data?")
                 continue
             return multi_crop(img, self.specs, sample_seed(self.seed, epoch, index)), found
-        raise RuntimeError(f"no usable image in {self.root}: all {len(self.paths)} image files are unusable "
-                           f"(e.g. {found[0][0] if found else self.paths[0]}: {found[0][1] if found else 'known'})")
+        raise RuntimeError(f"no usable image in {self.source.root}: all {n} image files are unusable "
+                           f"(e.g. {self.source.name(found[0][0]) + ': ' + found[0][1] if found else 'known'})")
 
 
-def _collate(items: list[tuple[list[torch.Tensor], list[tuple[str, str]]]]):
+def _collate(items: list[tuple[list[torch.Tensor], list[tuple[int, str]]]]):
     crops = [torch.stack(group) for group in zip(*(c for c, _ in items))]
     return crops, [f for _, found in items for f in found]
 
@@ -73,13 +77,13 @@ def _collate(items: list[tuple[list[torch.Tensor], list[tuple[str, str]]]]):
 class TorchMultiCropLoader:
     """Implements data.multicrop.MultiCropLoader with a torch DataLoader per epoch."""
 
-    def __init__(self, index: ImageIndex, data: DataConfig, rank: int = 0, world_size: int = 1,
+    def __init__(self, source: ImageSource, data: DataConfig, rank: int = 0, world_size: int = 1,
                  seed: int = 0, pin_memory: bool = False):
-        self.dataset = MultiCropDataset(index, data, seed)
-        self.order = ShardedOrder(len(index), data.batch_size_per_gpu, rank, world_size, seed)
+        self.dataset = MultiCropDataset(source, data, seed)
+        self.order = ShardedOrder(len(source), data.batch_size_per_gpu, rank, world_size, seed)
         self.num_workers, self.pin_memory = data.num_workers, pin_memory
-        self.index = index
-        self.unusable: dict[str, str] = {}          # path -> reason, as the batches report them
+        self.source = source
+        self.unusable: dict[int, str] = {}          # sample -> reason, as the batches report them
 
     def __len__(self) -> int:
         return len(self.order)
@@ -88,8 +92,7 @@ class TorchMultiCropLoader:
         keys = [[(epoch, int(i)) for i in batch] for batch in self.order.batches(epoch, start_batch)]
         if not keys:
             return iter(())
-        position = {p: i for i, p in enumerate(self.dataset.paths)}
-        self.dataset.known_unusable = frozenset(position[p] for p in self.unusable)
+        self.dataset.known_unusable = frozenset(self.unusable)
         loader = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False, collate_fn=_collate,
                             prefetch_factor=4 if self.num_workers else None,
@@ -98,13 +101,13 @@ class TorchMultiCropLoader:
 
     def _counted(self, loader) -> Iterator[list[torch.Tensor]]:
         for crops, found in loader:
-            for path, reason in found:
-                if path not in self.unusable:
-                    self.unusable[path] = reason
-                    log.warning("skipping unusable image %s: %s (%d skipped so far)", path, reason,
+            for i, reason in found:
+                if i not in self.unusable:
+                    self.unusable[i] = reason
+                    log.warning("skipping unusable image %s: %s (%d skipped so far)", self.source.name(i), reason,
                                 len(self.unusable))
             yield crops
 
     def skipped_files(self) -> list[str]:
-        """Every file left out so far: non-image names from the index, then unusable images."""
-        return list(self.index.skipped) + sorted(self.unusable)
+        """Everything left out so far: non-image names and damaged shards, then unusable images."""
+        return list(self.source.skipped) + [self.source.name(i) for i in sorted(self.unusable)]

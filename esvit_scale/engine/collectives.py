@@ -2,7 +2,8 @@
 it returns its input), so callers never ask whether they are distributed.
 
 Objects (pickled, small: listings, errors, file names) and tensors (values every rank agrees on: a flag, the step's
-mean losses, the loss centres' batch means) are kept apart by name.
+mean losses, the loss centres' batch means) are kept apart by name. Tensors travel on the device the backend
+needs (NCCL: the rank's GPU, gloo: the CPU) and come back on their own.
 """
 from __future__ import annotations
 
@@ -58,33 +59,63 @@ def first_error(error: Any) -> Any:
 
 
 def any_rank(flag: bool) -> bool:
-    return _reduce_flag(flag, dist.ReduceOp.MAX) if _many() else flag
+    return bool(max_over_ranks(torch.tensor([float(flag)])).item())
 
 
 def every_rank(flag: bool) -> bool:
-    return _reduce_flag(flag, dist.ReduceOp.MIN) if _many() else flag
+    return bool(_reduced(torch.tensor([float(flag)]), dist.ReduceOp.MIN).item())
 
 
-def _reduce_flag(flag: bool, op) -> bool:
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=op)
-    return bool(value.item())
+def _device() -> torch.device:
+    """Where the backend takes tensors: NCCL only CUDA ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduced(values: torch.Tensor, op) -> torch.Tensor:
+    """A new tensor: `values` reduced element-wise over the ranks, on values' device (meta tensors, as the FLOP
+    counter runs a step with, have nothing to send)."""
+    if not _many() or values.is_meta:
+        return values.clone()
+    out = values.to(_device(), copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(values.device)
 
 
 def sum_over_ranks_(values: torch.Tensor) -> torch.Tensor:
-    """In place: the element-wise sum over the ranks (on the tensor's own device)."""
+    """In place: the element-wise sum over the ranks."""
     if _many():
-        dist.all_reduce(values)
+        values.copy_(_reduced(values, dist.ReduceOp.SUM))
     return values
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """A new tensor: the element-wise mean over the ranks."""
-    return sum_over_ranks_(values.clone()) / world_size() if _many() else values.clone()
+    return _reduced(values, dist.ReduceOp.SUM) / world_size()
 
 
 def max_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    out = values.clone()
-    if _many():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _reduced(values, dist.ReduceOp.MAX)
+
+
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (first dimension; shares may differ in length), in rank order, as one tensor on every rank."""
+    if not _many():
+        return local
+    counts = all_gather_object(len(local))
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=_device())
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(local.device)
+
+
+def all_gather_columns(local: torch.Tensor) -> torch.Tensor:
+    """(n, m) on every rank -> (n, world x m): each rank's columns side by side, in rank order."""
+    if not _many():
+        return local
+    sent = local.to(_device()).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(world_size())]
+    dist.all_gather(parts, sent)
+    return torch.cat(parts, dim=1).to(local.device)

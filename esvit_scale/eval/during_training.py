@@ -14,6 +14,9 @@ from esvit_scale.step import teacher_autocast
 log = logging.getLogger("esvit_scale")
 
 
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Preempted(Exception):
     """A stop request read during an evaluation: the state is saved already; the run ends as preempted."""
 
@@ -34,7 +37,7 @@ class TeacherProbe:
         e = self.cfg
         with teacher_autocast(self.device, self.input_dtype):
             result = knn_eval(self._view_features, self.train_path, self.val_path, e.knn_k, e.knn_temperature,
-                              e.resize_size, e.image_size, self.device)
+                              e.resize_size, e.image_size, self.device, storage_dtype=STORAGE[e.knn_dtype])
         return {str(k): v for k, v in result.items()}
 
     def linear(self) -> Optional[float]:
