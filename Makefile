@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py $(KERNEL_SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q timm pyyaml tensorboard deepspeed nvidia-dali-cuda130 scikit-learn matplotlib pytest ninja
+	$(PY) -m pip install -q timm pyyaml tensorboard deepspeed nvidia-dali-cuda130 scikit-learn scikit-image matplotlib pytest ninja
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 

@@ -76,6 +76,7 @@ setup(
         "pillow",
         "matplotlib",            # the scaling plot (python -m esvit_scale.bench scaling)
         "scikit-learn",          # ships the quickstart's real images (its bundled digits)
+        "scikit-image",          # ships real photographs (python -m esvit_scale.data.photos)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

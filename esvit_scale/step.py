@@ -84,6 +84,8 @@ class TrainStep:
         the optimizer there) also the EMA update with the momentum of optimizer step `step`. Returns the losses and,
         with timing, the seconds of each phase (data_wait: that of the batch handed out last by batches())."""
         clock = PhaseClock(self.device, timing)
+        boxes = getattr(crops, "geometry", None)
+        geometry = (boxes, [c.shape[-1] for c in crops]) if boxes is not None and self.loss_fn.monitor else None
         crops = [c.to(self.device, non_blocking=True) for c in crops]
         clock.mark("data_wait")
         with teacher_autocast(self.device, self.input_dtype):
@@ -91,7 +93,7 @@ class TrainStep:
         clock.mark("teacher_forward")
         student_out = self.engine([c.to(self.input_dtype) for c in crops])
         clock.mark("student_forward")
-        losses = self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[epoch]))
+        losses = self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[epoch]), geometry)
         losses["loss"] = corrupt_loss(losses["loss"], self.rank, step + 1)
         clock.mark("loss")
         self.engine.backward(losses["loss"])

@@ -73,7 +73,7 @@ def test_several_local_sizes_in_crop_order(jpegs):
 
 def test_matches_the_pil_reference_for_the_same_sample(jpegs):
     """Same seeds, same windows, flips, blur and solarisation as transforms.multi_crop; colour up to the
-    documented hue approximation and end-only clamping."""
+    documented hue approximation and end-only clamping; the same crop geometry handed out (boxes, flips)."""
     cfg = small_cfg()
     index = index_folder(jpegs)
     loader = DaliMultiCropLoader(index, cfg, seed=5)
@@ -81,7 +81,8 @@ def test_matches_the_pil_reference_for_the_same_sample(jpegs):
     plain, coloured = [], []
     for crops, rec in run_epoch(loader, epoch=2)[:3]:
         for k, (i, j) in enumerate(zip(rec.requested, rec.used)):
-            ref = multi_crop(Image.open(index.paths[j]).convert("RGB"), specs, sample_seed(5, 2, int(i)))
+            ref, geometry = multi_crop(Image.open(index.paths[j]).convert("RGB"), specs, sample_seed(5, 2, int(i)))
+            assert torch.equal(crops.geometry[k], geometry), (crops.geometry[k], geometry)
             for c in range(len(specs)):
                 err = float((crops[c][k] - ref[c]).abs().mean())
                 (coloured if rec.params[k][c, P.COLOUR] else plain).append(err)
@@ -358,7 +359,8 @@ def test_rotation_matches_the_pil_reference(tmp_path):
     crops, rec = run_epoch(loader)[0]
     errs, angles = [], []
     for k, (i, j) in enumerate(zip(rec.requested, rec.used)):
-        ref = multi_crop(Image.open(index.paths[j]).convert("RGB"), specs, sample_seed(2, 0, int(i)))
+        ref, geometry = multi_crop(Image.open(index.paths[j]).convert("RGB"), specs, sample_seed(2, 0, int(i)))
+        torch.testing.assert_close(crops.geometry[k], geometry)          # the angles too
         for c in range(len(specs)):
             angles.append(float(rec.params[k][c, P.ANGLE]))
             if not rec.params[k][c, P.COLOUR]:

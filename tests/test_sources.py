@@ -192,3 +192,15 @@ def test_a_shard_run_killed_resumes_exactly_and_resumes_on_one_rank_with_the_sam
     assert sorted(resumed) == list(range(1, 11))
     for step in (9, 10):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+def test_the_photographs_are_cut_into_disjoint_train_and_held_out_crops(tmp_path):
+    from esvit_scale.data.folder import index_folder
+    from esvit_scale.data.photos import PHOTOS, make_photos_folder
+    root = make_photos_folder(tmp_path / "photos", size=96, train=4, val=2)
+    train, val = index_folder(root / "train"), index_folder(root / "val")
+    assert train.classes == val.classes == sorted(PHOTOS) and (len(train), len(val)) == (64, 32)
+    from PIL import Image
+    with Image.open(train.name(0)) as img:
+        assert img.size == (96, 96) and img.mode == "RGB"
+    assert make_photos_folder(tmp_path / "photos", size=96, train=4, val=2) == root        # reused as it is

@@ -26,7 +26,7 @@ import torch
 from esvit_scale.config import DataConfig
 from esvit_scale.data import dali_params
 from esvit_scale.data.image_check import Encoded, UnusableImage, check_image, probe_decode, read_encoded
-from esvit_scale.data.multicrop import crop_specs
+from esvit_scale.data.multicrop import Crops, crop_specs
 from esvit_scale.data.sampler import ShardedOrder, sample_seed
 from esvit_scale.data.source import ImageSource
 
@@ -156,6 +156,15 @@ class DaliMultiCropLoader:
 
     # ---- output ---------------------------------------------------------------------------------------
     @staticmethod
+    def geometry(rec: BatchRecord) -> torch.Tensor:
+        """(B, n_crops, 6) boxes, flips and turns of a fed batch, from its parameter rows (dali_params)."""
+        rows = np.stack(rec.params).astype(np.float64)                 # (B, n, NUM_PARAMS)
+        y0, x0, y1, x1 = (rows[..., dali_params.ROI][..., k] for k in range(4))
+        geometry = np.stack([y0, np.minimum(x0, x1), y1 - y0, np.abs(x1 - x0), (x0 > x1).astype(np.float64),
+                             rows[..., dali_params.ANGLE]], axis=-1)
+        return torch.from_numpy(geometry.astype(np.float32))
+
+    @staticmethod
     def _to_torch(outputs) -> list[torch.Tensor]:
         """Zero-copy views (DLPack) of the batch's outputs, CPU or CUDA as DALI made them.
 
@@ -178,10 +187,10 @@ class DaliMultiCropLoader:
                     found += 1
         return found
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Crops]:
         return self._epoch(epoch, start_batch)
 
-    def _epoch(self, epoch: int, start_batch: int) -> Iterator[list[torch.Tensor]]:
+    def _epoch(self, epoch: int, start_batch: int) -> Iterator[Crops]:
         b = start_batch
         while b < len(self.order):
             fed: deque = deque()
@@ -198,7 +207,7 @@ class DaliMultiCropLoader:
                         break
                     rec = fed.popleft()
                     assert rec.batch == b, (rec.batch, b)
-                    crops = self._to_torch(outputs)
+                    crops = Crops(self._to_torch(outputs), self.geometry(rec))
                     self.last_batch = rec
                     b += 1
                     yield crops

@@ -1,13 +1,15 @@
 """What a multi-crop batch is, shared by every loader (torch/PIL and DALI).
 
-A loader yields, for each step, a list of crop tensors in this order:
+A loader yields, for each step, `Crops`: a list of crop tensors in this order
     [global_0, global_1, local crops of local_crops_size[0] ..., local crops of local_crops_size[1] ...]
-each (B, 3, S, S) float32, normalised with the ImageNet mean/std. The teacher sees the first two.
+each (B, 3, S, S) float32, normalised with the ImageNet mean/std (the teacher sees the first two), and their
+geometry, (B, n_crops, 6): each crop's box in its image (top, left, height, width, in pixels), flip (1.0) and
+counter-clockwise turn in degrees (losses/correspondence.py reads it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 
 import torch
 
@@ -48,6 +50,14 @@ def crop_specs(data: DataConfig) -> list[CropSpec]:
     return specs
 
 
+class Crops(list):
+    """A batch's crop tensors, in crop order, with their geometry (B, n_crops, 6)."""
+
+    def __init__(self, tensors, geometry: Optional[torch.Tensor] = None):
+        super().__init__(tensors)
+        self.geometry = geometry
+
+
 class MultiCropLoader(Protocol):
     """The interface the training loop reads; `epoch(e, start_batch)` resumes mid-epoch exactly. `order` says which
     samples each batch holds (data.sampler.ShardedOrder), `source` where they come from (data.source.ImageSource)."""
@@ -58,7 +68,7 @@ class MultiCropLoader(Protocol):
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[torch.Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Crops]:
         """This rank's batches of `epoch`, from batch `start_batch` on."""
 
     def skipped_files(self) -> list[str]:

@@ -60,13 +60,21 @@ def color_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
 
 def augment_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> torch.Tensor:
     """One crop of the reference pipeline: (3, size, size) float32, normalised."""
+    return _augment(img, spec, rng)[0]
+
+
+def _augment(img: Image.Image, spec: CropSpec, rng: random.Random) -> tuple[torch.Tensor, tuple]:
+    """The crop and its geometry: (top, left, height, width) of its box in the image, flip, angle."""
     top, left, h, w = random_resized_box(img.width, img.height, spec.scale, CROP_RATIO, rng)
     crop = TF.resized_crop(img, top, left, h, w, [spec.size, spec.size],
                            interpolation=TF.InterpolationMode.BICUBIC)
-    if rng.random() < spec.flip_prob:
+    flip = rng.random() < spec.flip_prob
+    if flip:
         crop = TF.hflip(crop)
+    angle = 0.0
     if spec.rotation > 0:                   # counter-clockwise for a positive angle; black corners
-        crop = crop.rotate(rng.uniform(-spec.rotation, spec.rotation), resample=Image.BILINEAR)
+        angle = rng.uniform(-spec.rotation, spec.rotation)
+        crop = crop.rotate(angle, resample=Image.BILINEAR)
     if rng.random() < JITTER_PROB:
         crop = color_jitter(crop, rng)
     if rng.random() < GRAYSCALE_PROB:
@@ -75,12 +83,14 @@ def augment_crop(img: Image.Image, spec: CropSpec, rng: random.Random) -> torch.
         crop = crop.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*spec.blur_sigma)))
     if rng.random() < spec.solarize_prob:
         crop = ImageOps.solarize(crop, threshold=SOLARIZE_THRESHOLD)
-    return TF.normalize(TF.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD)
+    return TF.normalize(TF.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD), (top, left, h, w, float(flip), angle)
 
 
-def multi_crop(img: Image.Image, specs: list[CropSpec], seed: int) -> list[torch.Tensor]:
+def multi_crop(img: Image.Image, specs: list[CropSpec], seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every crop of one image, and their geometry (n_crops, 6) (losses/correspondence.GEOMETRY)."""
     rng = random.Random(seed)
-    return [augment_crop(img, spec, rng) for spec in specs]
+    crops, geometry = zip(*(_augment(img, spec, rng) for spec in specs))
+    return list(crops), torch.tensor(geometry, dtype=torch.float32)
 
 
 def eval_transform(img: Image.Image, resize: int, crop: int) -> torch.Tensor:

@@ -52,13 +52,15 @@ class EsViTLoss(nn.Module):
         self.register_buffer("region_center", torch.zeros(1, out_dim))
         self.terms = nn.ModuleList(TERMS[name](cfg) for name in term_names(cfg))
 
-    def forward(self, student: MultiCropOutput, teacher: MultiCropOutput, teacher_temp: float
+    def forward(self, student: MultiCropOutput, teacher: MultiCropOutput, teacher_temp: float, geometry=None
                 ) -> dict[str, torch.Tensor]:
+        """geometry: (crop boxes (B, n_crops, 6), crop sizes) of the batch, for the region term's correspondence
+        readings on monitored steps (losses/correspondence.py)."""
         targets = self.teacher_targets(teacher, teacher_temp)
         out: dict[str, torch.Tensor] = {}
         total = 0.0
         for term in self.terms:
-            loss, readings = term(student, teacher, targets, monitor=self.monitor)
+            loss, readings = term(student, teacher, targets, monitor=self.monitor, geometry=geometry)
             total = total + term.weight * loss
             out[f"{term.name}_loss"] = loss.detach()
             out.update(readings)

@@ -23,7 +23,7 @@ class KoLeoTerm(nn.Module):
         super().__init__()
         self.weight = cfg.koleo_weight
 
-    def forward(self, student, teacher, targets, monitor: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(self, student, teacher, targets, monitor: bool = False, geometry=None) -> tuple[torch.Tensor, dict]:
         total = 0.0
         globals_ = student.region_features[:2]
         for tokens in globals_:

@@ -19,7 +19,7 @@ class ViewTerm(nn.Module):
         super().__init__()
         self.weight, self.student_temp = cfg.pair_factor, cfg.student_temp
 
-    def forward(self, student, teacher, targets, monitor: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(self, student, teacher, targets, monitor: bool = False, geometry=None) -> tuple[torch.Tensor, dict]:
         t_view = targets.view                                                     # 2 x (B, K), no gradient
         s_view = [F.log_softmax(z.float() / self.student_temp, dim=-1) for z in student.view_logits]
         total, pairs = 0.0, 0
