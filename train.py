@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         batch_split(cfg, world)                  # the ranks divide the global batch, or nothing starts
     except ConfigError as e:
-        return config_error(e, rank)
+        return config_error(e, rank, STOP)
     if args.print_config:
         print(cfg.to_yaml())
         return 0
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     try:
         summary = train(cfg, stop)
     except ConfigError as e:                     # found once the run's folder is read (another experiment's)
-        return config_error(e, rank)
+        return config_error(e, rank, stop)
     stop.finished()             # saved: a second signal must not kill the process while it shuts down
     import torch.distributed as dist
     if dist.is_initialized():   # in order, rather than by destructors while the interpreter shuts down
@@ -67,11 +67,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def config_error(e: ConfigError, rank: int) -> int:
-    """One line, from the first rank only (every rank finds the same error), and exit 2: nothing was done."""
+CONFIG_ERROR_GRACE_S = 20      # how long the other ranks wait for rank 0's line before exiting on their own
+
+
+def config_error(e: ConfigError, rank: int, stop: StopRequest | None) -> int:
+    """One line, from the first rank only (every rank finds the same error), and exit 2: nothing was done.
+
+    The other ranks give rank 0 time to say why: a launcher (torchrun, srun --kill-on-bad-exit) that saw them
+    exit first would stop rank 0 before its line was written. Stopped by the launcher, they still exit 2.
+    """
     if rank == 0:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if stop is not None:
+        stop.exit_quietly_on_signal(2)
+    import time
+    time.sleep(CONFIG_ERROR_GRACE_S)
     return 2
+
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class ModelConfig:
     head_bottleneck_dim: int = 256
     norm_last_layer: bool = False
     head_batchnorm: bool = False       # batch-normalised hidden layers in both heads (DINO's use_bn_in_head)
+    region_head_batchnorm: Optional[bool] = None    # the region head's own choice; null: head_batchnorm
     # recompute each block's activations in backward: true/false for every stage, or one bool per stage
     activation_checkpointing: typing.Union[bool, list[bool]] = False
     # torch.compile the backbone and the heads of the student and the teacher (nn.Module.compile: in place, the

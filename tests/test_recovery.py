@@ -107,6 +107,7 @@ def test_transient_nan_and_spike_replay_to_the_losses_of_a_run_without_them(imag
     assert "2 transient" in summary["events"]["line"]
 
 
+@pytest.mark.slow     # the default suite's short chaos run skips a persistent spike end to end
 def test_persistent_faults_skip_their_batch_as_a_run_told_to_skip_it(image_folder, tmp_path):
     """Two ranks at ZeRO-3 with asynchronous saves: a persistent NaN on rank 1 at step 7 and a persistent spike at
     step 12 are skipped (recorded with their samples); a run given the same skipped steps from the start logs

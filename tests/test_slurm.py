@@ -72,6 +72,7 @@ def test_cpu_smoke_job_trains_with_two_tasks_writes_checkpoints_and_finishes(ima
     assert {p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE")} == {"step000000002", "step000000004"}
 
 
+@pytest.mark.slow     # one preemption is in the default suite (the killed-then-stalled job), twice is not
 def test_pre_timeout_signal_twice_saves_requeues_and_resumes_to_the_losses_of_an_uninterrupted_run(
         image_folder, tmp_path):
     opts = {"run.max_steps": 60, "optim.epochs": 12, "run.checkpoint_every_steps": 0}

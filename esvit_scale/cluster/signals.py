@@ -45,6 +45,7 @@ class StopRequest:
         self._critical = 0
         self._lock = threading.Lock()
         self._installed = False
+        self._startup_exit_code: Optional[int] = None     # set once the process is only waiting to exit
 
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
@@ -122,7 +123,13 @@ class StopRequest:
             if exit_now:
                 self.exit_during_startup()
 
+    def exit_quietly_on_signal(self, code: int) -> None:
+        """The process has nothing left to do but exit with `code`: a stop signal now ends it with that code."""
+        self._startup_exit_code = code
+
     def exit_during_startup(self) -> None:
+        if self._startup_exit_code is not None:
+            os._exit(self._startup_exit_code)
         name = signal.Signals(self.signum).name
         sys.stderr.write(f"esvit_scale: {name} during start-up: nothing to save yet; exiting with "
                          f"{EXIT_PREEMPTED} so that the job is run again\n")

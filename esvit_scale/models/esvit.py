@@ -36,7 +36,8 @@ class EsViT(nn.Module):
                     bottleneck_dim=m.head_bottleneck_dim, norm_last_layer=m.norm_last_layer,
                     batchnorm=m.head_batchnorm)
         self.view_head = ProjectionHead(**head)
-        self.region_head = ProjectionHead(**head) if cfg.loss.region_loss else None
+        region_bn = m.head_batchnorm if m.region_head_batchnorm is None else m.region_head_batchnorm
+        self.region_head = ProjectionHead(**{**head, "batchnorm": region_bn}) if cfg.loss.region_loss else None
 
     def forward(self, crops: list[torch.Tensor]) -> MultiCropOutput:
         view_logits, region_logits, region_features = [], [], []
