@@ -40,12 +40,13 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(argv)
-    from esvit_scale.engine.distributed import launched_rank_and_world
+    from esvit_scale.engine.distributed import launched_rank_and_world, resolve_device
     from esvit_scale.engine.student import batch_split
     rank, world = launched_rank_and_world()
     try:
         cfg = load_config(args.config, args.overrides)
         batch_split(cfg, world)                  # the ranks divide the global batch, or nothing starts
+        resolve_device(cfg.run.device)           # a job given GPUs that torch cannot see does not train on the CPU
     except ConfigError as e:
         return config_error(e, rank, STOP)
     if args.print_config:

@@ -144,6 +144,9 @@ class RunConfig:
     stop_epoch: int = 0                # >0: stop when this many epochs are done (schedules still span optim.epochs)
     checkpoint_every_steps: int = 0    # 0: at the end of every epoch only
     keep_checkpoints: int = 2
+    # CPU runs: torch's threads per process; 0: this process's share of the cores less data.num_workers (the loader's
+    # workers run on the same cores: a pool that counts them in spins against them), at least 1; OMP_NUM_THREADS wins
+    cpu_threads: int = 0
     async_checkpoint: bool = False     # write checkpoints on a thread while training goes on (one in flight at most)
     log_every_steps: int = 10
     # A checkpoint folder (<output_dir>/checkpoints/<tag>) to initialise from when output_dir has none:

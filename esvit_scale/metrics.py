@@ -146,7 +146,7 @@ class Throughput:
 
     def __init__(self, flops_per_image: float, peak_flops: float, world_size: int):
         self.flops_per_image, self.peak_flops, self.world_size = flops_per_image, peak_flops, world_size
-        self.images_per_s: list[float] = []
+        self.steps: list[tuple[int, float]] = []     # (images, seconds) of each optimizer step
         self._phases: dict[str, float] = {}
         self._images, self._start = 0, time.time()
 
@@ -157,8 +157,9 @@ class Throughput:
 
     def end_step(self) -> dict[str, float]:
         """The scalars of the optimizer step that just ended; the next one starts now."""
-        ips = self._images / max(time.time() - self._start, 1e-9)
-        self.images_per_s.append(ips)
+        seconds = max(time.time() - self._start, 1e-9)
+        ips = self._images / seconds
+        self.steps.append((self._images, seconds))
         flops_per_s = ips / self.world_size * self.flops_per_image
         out = {"images_per_s": ips, "tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / self.peak_flops}
         if self._phases:
@@ -171,11 +172,10 @@ class Throughput:
         self._phases, self._images, self._start = {}, 0, time.time()
 
     def steady(self) -> dict:
-        """For summary.json: mean images/s without the first quarter of the steps (start-up, JIT, worker spawn), and
-        its MFU."""
-        values = self.images_per_s
-        if not values:
+        """For summary.json: images over wall time of the steps without the first quarter (start-up, JIT, worker
+        spawn), everything between them included (loading, checkpoints, logging), and its MFU."""
+        if not self.steps:
             return {"images_per_s": None}
-        steady = values[len(values) // 4:] if len(values) >= 4 else values
-        ips = sum(steady) / len(steady)
+        steady = self.steps[len(self.steps) // 4:] if len(self.steps) >= 4 else self.steps
+        ips = sum(n for n, _ in steady) / sum(s for _, s in steady)
         return {"images_per_s": ips, "mfu": ips / self.world_size * self.flops_per_image / self.peak_flops}

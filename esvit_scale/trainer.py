@@ -29,7 +29,7 @@ from esvit_scale.cluster.signals import EXIT_PREEMPTED, StopRequest
 from esvit_scale.cluster.slurm import stop_deadline
 from esvit_scale.config import Config
 from esvit_scale.engine import collectives
-from esvit_scale.engine.distributed import init_distributed, resolve_device
+from esvit_scale.engine.distributed import init_distributed, resolve_device, set_cpu_threads
 from esvit_scale.engine.student import batch_split
 from esvit_scale.eval.during_training import Preempted
 from esvit_scale.events import EventLog, previous_ending, read_events
@@ -68,6 +68,8 @@ class Trainer:
         device = resolve_device(run.device)
         self.dist = init_distributed(device, run.dist_timeout_minutes)
         setup_logging(self.dist.rank)
+        if device == "cpu":
+            log.info("CPU threads per process: %s", set_cpu_threads(run.cpu_threads, cfg.data.num_workers))
         self.out, main = Path(run.output_dir), self.dist.is_main
         self.events = EventLog(self.out, self.dist.rank)
         self.split = batch_split(cfg, self.dist.world_size)

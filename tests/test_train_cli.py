@@ -36,6 +36,24 @@ def test_a_global_batch_the_ranks_do_not_divide_stops_every_rank_with_one_config
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("variable", ["SLURM_JOB_GPUS=0,1", "SLURM_GPUS_ON_NODE=4", "CUDA_VISIBLE_DEVICES=0"])
+def test_a_job_given_gpus_that_torch_cannot_see_stops_in_one_line_unless_told_cpu(variable, image_folder, tmp_path):
+    """This machine has no GPU: a job whose environment says it was given GPUs must not train on the CPU."""
+    name, value = variable.split("=")
+    env = {name: value}
+    overrides = tiny_overrides(image_folder, tmp_path / "x", **{"run.device": "auto", "run.max_steps": 1})
+    for command in ([PYTHON, *CONFIG, *overrides],
+                    [PYTHON, "-m", "esvit_scale.bench", "step", "--steps", "1", "--warmup", "0", *overrides]):
+        proc = run_command(command, env=env, check=False, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if "config error:" in line]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert f"given GPUs ({variable})" in lines[0] and "run.device=cpu" in lines[0] and "driver" in lines[0]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+    if name == "CUDA_VISIBLE_DEVICES":          # told to use the CPU, it trains
+        run_command([PYTHON, *CONFIG, *overrides, "run.device=cpu"], env=env, timeout=300)
+        assert json.loads((tmp_path / "x" / "summary.json").read_text())["steps"] == 1
+
+
 def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(image_folder, tmp_path):
     out = tmp_path / "nan"
     proc = run_command([PYTHON, *CONFIG, *tiny_overrides(image_folder, out, **{

@@ -35,7 +35,12 @@ def main(argv=None) -> None:
         if mod is not None:
             mod.add_arguments(p)
     args = parser.parse_args(argv)
-    importlib.import_module(SUBCOMMANDS[args.command]).run(args)
+    from esvit_scale.config import ConfigError
+    try:
+        importlib.import_module(SUBCOMMANDS[args.command]).run(args)
+    except ConfigError as e:             # a bad key or value, a device that cannot be had: one line, exit 2
+        sys.stderr.write(f"config error: {e}\n")
+        sys.exit(2)
     if "torch" in sys.modules:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():    # a benchmark of several ranks: leave as train.py does

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--data", choices=("synthetic", "loader"), default="synthetic")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; torchrun: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the trainer sets them, run.cpu_threads)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
 
 
@@ -76,15 +76,17 @@ def run(args) -> None:
     from esvit_scale import ops
     from esvit_scale.bench.flops import CONVENTION, step_flops
     from esvit_scale.bench.peak import device_peak
-    from esvit_scale.engine.distributed import init_distributed, resolve_device
+    from esvit_scale.engine.distributed import init_distributed, resolve_device, set_cpu_threads
     from esvit_scale.step import build_train_step
     from esvit_scale.trainer import setup_logging
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = bench_config(args.config, args.overrides)
     info = init_distributed(resolve_device(cfg.run.device))
     setup_logging(info.rank)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif info.device.type == "cpu":     # as the trainer sets them, counting the loader's workers when it runs
+        set_cpu_threads(cfg.run.cpu_threads, cfg.data.num_workers if args.data == "loader" else 0)
     ops.configure(cfg.kernels)
     world, device = info.world_size, info.device
     if cfg.run.output_dir and args.data == "loader" and info.is_main:
