@@ -37,7 +37,8 @@ def kernel_extensions():
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
         return [ext], {"build_ext": cpp_extension.BuildExtension}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect at build time
+    # No GPU to detect at build time: A100, H100/H200, and B200/GB200 (sm_100) with its PTX, which newer GPUs JIT.
+    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0;10.0+PTX")
     try:  # the toolkit here lacks some library headers (cusparse.h ...); torch's nvidia wheels carry them
         import nvidia
         include_dirs += [p for p in (os.path.join(d, "cu13", "include") for d in nvidia.__path__) if os.path.isdir(p)]
@@ -51,10 +52,21 @@ def kernel_extensions():
     library_dirs = [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))][:1]
     ext = cpp_extension.CUDAExtension(
         "esvit_scale._C", cpp_sources + cuda_sources, include_dirs=include_dirs, library_dirs=library_dirs,
-        define_macros=[("ESVIT_WITH_CUDA", None)],
+        define_macros=[("ESVIT_WITH_CUDA", None), ("ESVIT_CUDA_ARCHS", cuda_arch_token(arch_list))],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
         extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+def cuda_arch_token(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as one C identifier for the extension to report ("8.0;9.0;10.0+PTX" ->
+    "sm80_sm90_sm100_ptx100"): quotes and semicolons do not survive the compiler command lines."""
+    parts = []
+    for entry in arch_list.replace(" ", ";").split(";"):
+        if entry:
+            number = entry.split("+")[0].replace(".", "")
+            parts += [f"sm{number}"] + ([f"ptx{number}"] if entry.upper().endswith("+PTX") else [])
+    return "_".join(parts)
 
 
 ext_modules, cmdclass = kernel_extensions()

@@ -63,6 +63,9 @@ class KernelConfig:
     window_attention: bool = True      # fused window attention op in the backbone
     region_matching: bool = True       # fused argmax + matched cross-entropy in the region loss
     force_reference: bool = False      # use the pure-PyTorch reference of each op
+    # before training: each fused op in use runs once against its reference on the config's shapes, dtype and device;
+    # one that fails falls back to the reference with a warning (esvit_scale/ops/self_check.py)
+    self_check: bool = True
     # the backbone's LayerNorms as NVIDIA apex's FusedLayerNorm where apex is importable on a GPU (same parameter
     # names); torch's LayerNorm elsewhere, with model.compile, or when false. Logged which.
     apex_layer_norm: bool = True

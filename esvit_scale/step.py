@@ -56,6 +56,7 @@ class TrainStep:
         self.engine, self.optimizer, self.teacher, self.loss_fn = parts.engine, parts.optimizer, parts.teacher, \
             parts.loss_fn
         self.sched = schedules
+        self.kernels = parts.kernels          # what each fused op runs (the self-check's outcome)
         self.device, self.input_dtype = device, parts.input_dtype
         self.rank = collectives.rank()
         self.last_data_wait = 0.0

@@ -394,7 +394,7 @@ class Trainer:
         summary = {"steps": state.step, "epochs_completed": state.epoch, "preempted": preempted,
                    **self.throughput.steady(), "global_batch": self.split.global_batch,
                    "world_size": self.dist.world_size, "loss_final": self.last_loss,
-                   "health": self.health, "collapse": self.collapse.last(),
+                   "health": self.health, "collapse": self.collapse.last(), "kernels": self.parts.kernels,
                    "flops_per_image": self.throughput.flops_per_image,
                    "peak_flops_per_device": self.peak["peak_flops"]}
         left_out = self.left_out_files()

@@ -127,7 +127,7 @@ def run(args) -> None:
     achieved = flops.total / median
     report = {
         "config": args.config, "overrides": args.overrides, "world_size": world, "device": str(device),
-        "device_name": peak["device_name"], "threads": torch.get_num_threads(),
+        "device_name": peak["device_name"], "threads": torch.get_num_threads(), "kernels": step.kernels,
         "arch": cfg.model.arch, "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
         "activation_checkpointing": cfg.model.activation_checkpointing, "data": args.data,
         "batch_per_rank": cfg.data.batch_size_per_gpu, "global_batch": cfg.data.batch_size_per_gpu * world,

@@ -5,6 +5,8 @@ the states that operations must survive. Without the variables every function he
     ESVIT_FAULT_STALL="RANK:STEP[,...]"         that rank stops making progress before that optimizer step, for good
     ESVIT_FAULT_NAN="RANK:STEP[:persistent][,...]"   the loss of that rank at that step is not finite
     ESVIT_FAULT_SPIKE="STEP[:persistent][,...]"      the loss of every rank at that step is multiplied by 100
+    ESVIT_FAULT_KERNEL="OP[,...]"               that fused op's kernel returns wrong numbers (window_attention,
+                                                region_matching; read by esvit_scale/ops/_ext.py at configure)
 
 Steps count optimizer steps from 1, as metrics.jsonl does. A fault fires once (a replay of the step after a rewind
 meets a healthy step: a transient fault), or with `persistent` at every pass through its step (a bad batch).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class Parts:
     optimizer: object
     teacher: object                  # engine.teacher.TeacherEMA
     loss_fn: torch.nn.Module         # losses.esvit_loss.EsViTLoss: its centres are state too
+    kernels: dict = field(default_factory=dict)     # the implementation each fused op runs (ops/self_check.py)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -70,8 +71,23 @@ def assemble(cfg, student, teacher, loss_fn, split: BatchSplit, device: torch.de
     ema = TeacherEMA(teacher, engine, cfg, split.world_size)
     if copy_teacher:
         ema.copy_from_student()
+    parts = Parts(engine, optimizer, ema, loss_fn.to(device))
+    parts.kernels = check_kernels(cfg, parts, device)
     torch.manual_seed(cfg.run.seed + 1000 * rank)       # drop-path draws differ per rank
-    return Parts(engine, optimizer, ema, loss_fn.to(device))
+    return parts
+
+
+def check_kernels(cfg, parts: Parts, device: torch.device) -> dict[str, str]:
+    """Each fused op in use against its reference, before any step (kernels.self_check); an op that fails falls back
+    to its reference on every rank. Returns {op: the implementation it runs}."""
+    from esvit_scale.engine import collectives
+    from esvit_scale.ops import _ext
+    from esvit_scale.ops.self_check import self_check
+    device = torch.device(device)
+    if not cfg.kernels.self_check:
+        return {op: _ext.implementation(op, device, parts.input_dtype) for op in _ext.OPS}
+    return self_check(cfg, parts.teacher.module.backbone, device, parts.input_dtype, collectives.first_error,
+                      main=collectives.rank() == 0)
 
 
 def build_parts(cfg, split: BatchSplit, device: torch.device, rank: int = 0) -> Parts:

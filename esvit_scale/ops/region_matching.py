@@ -56,7 +56,8 @@ def region_argmax(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     if _ext.backend("region_matching", student) == "reference":
         return region_argmax_reference(student, teacher)
     dtype = _kernel_dtype(student)
-    return _region_argmax_op(student.detach().to(dtype), teacher.detach().to(dtype))
+    index = _region_argmax_op(student.detach().to(dtype), teacher.detach().to(dtype))
+    return (index + 1) % teacher.shape[1] if _ext.corrupted("region_matching") else index
 
 
 @torch.library.custom_op("esvit::region_argmax", mutates_args=())
@@ -226,4 +227,6 @@ def matched_soft_cross_entropy_sum(student_logits: torch.Tensor, teacher_probs: 
         loss = _MatchedCEOverLogits.apply(logits, probs, rows, float(student_temp))
     else:
         loss = _MatchedSoftCrossEntropy.apply(logits, probs, rows, float(student_temp)).mean(dim=1).sum()
+    if _ext.corrupted("region_matching"):
+        loss = loss + 1.0
     return loss.to(_loss_dtype(student_logits))

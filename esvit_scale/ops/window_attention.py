@@ -94,4 +94,5 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, rel_index: torch.Te
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if backend == "reference" or (backend == "cuda" and head_dim not in CUDA_HEAD_DIMS):
         return window_attention_reference(qkv, table, rel_index, region, num_heads, scale)
-    return _FusedWindowAttention.apply(qkv, table, rel_index, region, num_heads, scale)
+    out = _FusedWindowAttention.apply(qkv, table, rel_index, region, num_heads, scale)
+    return out + 1.0 if _ext.corrupted("window_attention") else out

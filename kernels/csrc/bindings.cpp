@@ -83,12 +83,24 @@ bool built_with_cuda() {
 #endif
 }
 
+// The architectures the CUDA code was built for, e.g. "sm80_sm90_sm100_ptx100" (setup.py); "" without CUDA.
+std::string cuda_archs() {
+#ifdef ESVIT_CUDA_ARCHS
+#define ESVIT_STRINGIZE2(x) #x
+#define ESVIT_STRINGIZE(x) ESVIT_STRINGIZE2(x)
+  return ESVIT_STRINGIZE(ESVIT_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
 }  // namespace
 }  // namespace esvit
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "esvit_scale fused kernels: window attention and region matching (CPU and CUDA)";
   m.def("built_with_cuda", &esvit::built_with_cuda);
+  m.def("cuda_archs", &esvit::cuda_archs, "the CUDA architectures of the build, e.g. sm80_sm90_sm100_ptx100");
   m.def("cpu_fma_peak_gflops", &esvit::cpu_fma_peak_gflops, py::arg("seconds") = 0.3,
         "fp32 FMA throughput of one thread, with the vectors of the CPU instruction set in use");
   m.def("cpu_isa", [] { return esvit::cpu_isa_name(esvit::cpu_isa()); },
