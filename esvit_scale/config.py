@@ -77,6 +77,9 @@ class KernelConfig:
 class DataConfig:
     path: Optional[str] = None         # image folder; None: the quickstart's digits (trainer.quickstart_paths)
     loader: str = field(default="auto", metadata=_choices("auto", "dali", "torch"))
+    # when the DALI loader fails its start-up check (built, one batch pulled; data/build.py): "cpu" tries DALI's CPU
+    # graph next (on a GPU node), then the torch loader; "torch" goes straight to the torch loader; "none" stops
+    fallback: str = field(default="cpu", metadata=_choices("cpu", "torch", "none"))
     batch_size_per_gpu: int = 32
     num_workers: int = 8
     global_crops_size: int = 224

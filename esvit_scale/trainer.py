@@ -398,7 +398,8 @@ class Trainer:
                    "flops_per_image": self.throughput.flops_per_image,
                    "peak_flops_per_device": self.peak["peak_flops"]}
         left_out = self.left_out_files()
-        summary["data"] = {"files_left_out": len(left_out), "left_out": left_out[:100]}
+        summary["data"] = {"loader": self.loader.kind, "loader_fallbacks": self.loader.fallbacks,
+                           "files_left_out": len(left_out), "left_out": left_out[:100]}
         try:
             with self.guard.paused():
                 if cfg.eval.knn_at_end and not preempted:

@@ -367,3 +367,30 @@ def test_rotation_matches_the_pil_reference(tmp_path):
                 errs.append(float((crops[c][k] - ref[c]).abs().mean()))
     assert max(abs(a) for a in angles) > 10 and all(abs(a) <= 30 for a in angles)
     assert errs and np.mean(errs) < 0.06 and max(errs) < 0.15, errs
+
+
+def _loader_cfg(**extra) -> DataConfig:
+    return DataConfig(loader="dali", batch_size_per_gpu=4, num_workers=1, global_crops_size=32,
+                      local_crops_size=[16], local_crops_number=[2], **extra)
+
+
+def test_the_start_up_check_passes_and_leaves_the_batches_as_they_were(jpegs):
+    """One batch is pulled and dropped before training: epoch 0 then yields what an unchecked loader yields."""
+    from esvit_scale.data.build import build_loader
+    checked = build_loader(_loader_cfg(), index_folder(jpegs), 0, 1, 7, "cpu")
+    assert checked.kind == "DALI (CPU graph)" and checked.fallbacks == []
+    plain = DaliMultiCropLoader(index_folder(jpegs), _loader_cfg(), seed=7)
+    for a, b in zip(next(iter(checked.epoch(0))), next(iter(plain.epoch(0)))):
+        assert torch.equal(a, b)
+
+
+def test_a_dali_loader_failing_its_check_falls_back_to_torch_or_stops_when_told(jpegs, monkeypatch, caplog):
+    from esvit_scale.data.build import build_loader
+    monkeypatch.setenv("ESVIT_FAULT_LOADER", "dali_cpu")
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(_loader_cfg(), index_folder(jpegs), 0, 1, 7, "cpu")
+    assert loader.kind == "torch" and len(loader.fallbacks) == 1
+    assert "DALI (CPU graph) failed its start-up check" in loader.fallbacks[0] and "using torch" in caplog.text
+    assert [c.shape[-1] for c in next(iter(loader.epoch(0)))] == [32, 32, 16, 16]
+    with pytest.raises(RuntimeError, match=r"DALI \(CPU graph\) failed its start-up check.*data.fallback=none"):
+        build_loader(_loader_cfg(fallback="none"), index_folder(jpegs), 0, 1, 7, "cpu")

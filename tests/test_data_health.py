@@ -28,6 +28,8 @@ def test_unusable_files_are_named_once_counted_per_epoch_and_in_the_summary(load
     summary = json.loads((out / "summary.json").read_text())
     names = sorted(p.rsplit("/", 1)[-1] for p in summary["data"]["left_out"])
     assert summary["data"]["files_left_out"] == 3 and names == ["empty.jpg", "notes.txt", "truncated.jpg"]
+    assert summary["data"]["loader"] == {"torch": "torch", "dali": "DALI (CPU graph)"}[loader]
+    assert summary["data"]["loader_fallbacks"] == []       # bad files are no reason to leave DALI
     err = proc.stderr
     for bad in ("truncated.jpg", "empty.jpg"):
         assert err.count(f"skipping unusable image") >= 2 and sum(

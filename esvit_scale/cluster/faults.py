@@ -5,6 +5,7 @@ the states that operations must survive. Without the variables every function he
     ESVIT_FAULT_STALL="RANK:STEP[,...]"         that rank stops making progress before that optimizer step, for good
     ESVIT_FAULT_NAN="RANK:STEP[:persistent][,...]"   the loss of that rank at that step is not finite
     ESVIT_FAULT_SPIKE="STEP[:persistent][,...]"      the loss of every rank at that step is multiplied by 100
+    ESVIT_FAULT_LOADER="LOADER[,...]"           that loader fails its start-up check (dali_gpu, dali_cpu; data/build.py)
     ESVIT_FAULT_KERNEL="OP[,...]"               that fused op's kernel returns wrong numbers (window_attention,
                                                 region_matching; read by esvit_scale/ops/_ext.py at configure)
 
@@ -93,3 +94,8 @@ def corrupt_loss(loss, rank: int, step: int):
                     ", persistent" if persistent else "")
         return loss * SPIKE_FACTOR
     return loss
+
+
+def loader_faults() -> set[str]:
+    """$ESVIT_FAULT_LOADER: the loaders ("dali_gpu", "dali_cpu") whose start-up check is to fail."""
+    return {entry[0] for entry in _faults("ESVIT_FAULT_LOADER")}
