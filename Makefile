@@ -8,7 +8,7 @@ KERNEL_SOURCES := $(wildcard kernels/csrc/*)
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup quickstart test test-all bench gpu-check compat-check clean slurm-up slurm-down
+.PHONY: setup quickstart test test-all bench gpu-check gpu-check-dry gpu-bundle compat-check clean slurm-up slurm-down
 
 setup: $(VENV)/.installed
 
@@ -42,18 +42,30 @@ bench: setup
 	$(PY) -m esvit_scale.bench kernels --json runs/bench_kernels.json
 	$(PY) -m esvit_scale.bench loader --json runs/bench_loader.json
 
-# On a GPU machine that has torch, timm, pytest and nvcc but no network (the device image, no venv there): build the
-# CUDA extension in place, then run the CUDA tests and the kernel benchmark on the GPU; logs and JSON in GPU_OUT.
+# On the lent GPU machine (torch 2.11, timm, pytest, nvcc; no network, no DeepSpeed, no DALI, no venv): everything
+# GPU-related in one script, each part run even when an earlier one failed; logs and gpu_check.json in GPU_OUT
+# (esvit_scale/bench/gpu_check.py). `make gpu-bundle` first, here: the DeepSpeed wheels travel in build/gpu_bundle.
 GPU_OUT ?= runs/gpu
 gpu-check:
-	mkdir -p $(GPU_OUT)
-	MAX_JOBS=16 python3 setup.py build_ext --inplace > $(GPU_OUT)/build.log 2>&1 || \
-	  { tail -40 $(GPU_OUT)/build.log; exit 1; }
-	python3 -m pytest -q -m gpu -rs tests/test_kernels_cuda.py > $(GPU_OUT)/cuda_tests.log 2>&1; \
-	  echo $$? > $(GPU_OUT)/cuda_tests.rc; cat $(GPU_OUT)/cuda_tests.log
-	python3 -m esvit_scale.bench kernels --device cuda --json $(GPU_OUT)/bench_kernels_cuda.json \
-	  > $(GPU_OUT)/bench_kernels_cuda.log 2>&1; rc=$$?; cat $(GPU_OUT)/bench_kernels_cuda.log; exit $$rc
-	exit $$(cat $(GPU_OUT)/cuda_tests.rc)   # the benchmark runs even when a CUDA test fails
+	python3 -m esvit_scale.bench gpu_check --out $(GPU_OUT)
+
+# The same script on this CPU with tiny shapes (what needs a GPU reports "skipped: no GPU"); tests/test_gpu_check.py.
+gpu-check-dry: setup
+	$(PY) -m esvit_scale.bench gpu_check --dry --out runs/gpu-dry
+
+# DeepSpeed and the dependencies the GPU machine lacks, as wheels for CPython 3.12 on x86_64 (~6 MB), for the device
+# tool to carry (build/ is ignored by git; carry: ["build/gpu_bundle"]); installed there offline into build/gpu_site.
+BUNDLE_DEPS := hjson msgpack py-cpuinfo pydantic pydantic-core annotated-types typing-inspection einops psutil nvidia-ml-py
+BUNDLE_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any
+gpu-bundle: setup
+	rm -rf build/gpu_bundle && mkdir -p build/gpu_bundle
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/gpu_bundle \
+	  deepspeed==$$($(PY) -c "from importlib.metadata import version; print(version('deepspeed'))")
+	$(PY) -m pip download -q --no-deps $(BUNDLE_TAGS) -d build/gpu_bundle $(BUNDLE_DEPS)
+	rm -rf build/gpu_bundle_check && $(PY) -m pip install -q --no-index --find-links build/gpu_bundle \
+	  --target build/gpu_bundle_check $(BUNDLE_TAGS) --no-deps build/gpu_bundle/*.whl
+	du -sh build/gpu_bundle
 
 # The code must also run on the GPU machine's older torch: a side venv with that torch and its torchvision over
 # .venv's other packages (no second copy of deepspeed, DALI, CUDA libraries), a copy of the tracked files with the

@@ -102,6 +102,7 @@ class DataConfig:
 class LossConfig:
     region_loss: bool = True
     pair_factor: float = 0.5           # each (teacher, student) pair adds pair_factor * (L_V + L_R)
+    region_weight: float = 1.0         # L_R's share next to L_V (the paper: 1)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04

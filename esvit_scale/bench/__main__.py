@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "chaos": "esvit_scale.bench.chaos",       # a real job under random faults vs the same job without: exact recovery
     "index": "esvit_scale.bench.index",       # a folder index at ImageNet size: build time, memory loaded
     "knn": "esvit_scale.bench.knn",           # the distributed k-NN on a synthetic bank: seconds, memory per rank
+    "gpu_check": "esvit_scale.bench.gpu_check",     # everything GPU-related, one script (--dry: on the CPU, tiny)
 }
 
 

@@ -34,12 +34,18 @@ from esvit_scale.ops.window_attention import window_attention, window_attention_
 CASES = ("window_attention", "region_matching", "region_loss_step")
 # Swin-T at 224 px: (feature map side, channels, heads, shifted) of the blocks of each stage; window 7.
 SWIN_T_STAGES = [(56, 96, 3, True), (28, 192, 6, True), (14, 384, 12, True), (7, 768, 24, False)]
+STAGES = {"swin_tiny": SWIN_T_STAGES,
+          "swin_base": [(56, 128, 4, True), (28, 256, 8, True), (14, 512, 16, True), (7, 1024, 32, False)]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8, help="images per window-attention call")
+    parser.add_argument("--arch", choices=sorted(STAGES), default="swin_tiny", help="window-attention shapes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="of the window-attention cases (region matching runs in fp32)")
     parser.add_argument("--ce-batch", type=int, default=8, help="images per region-matching call")
     parser.add_argument("--K", type=int, default=65536, help="prototypes of the region head")
     parser.add_argument("--step-batch", type=int, default=4, help="images of the training-step region-loss case")
@@ -227,13 +233,14 @@ def _merge(a, b):
 def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dict]:
     results = []
     rel = get_relative_position_index(7, 7).to(device)
-    for side, dim, heads, shifted in SWIN_T_STAGES:
+    dtype = DTYPES[args.dtype]
+    for side, dim, heads, shifted in STAGES[args.arch]:
         shift = (3, 3) if shifted else (0, 0)
         gather, _, region = window_layout(side, side, (7, 7), shift, device)
         nW, N, D = gather.numel() // 49, 49, dim // heads
         gen = torch.Generator(device=device).manual_seed(0)
-        qkv = torch.randn(args.batch * nW, N, 3 * dim, device=device, generator=gen, requires_grad=True)
-        table = (0.02 * torch.randn(169, heads, device=device, generator=gen)).requires_grad_()
+        qkv = torch.randn(args.batch * nW, N, 3 * dim, device=device, generator=gen).to(dtype).requires_grad_()
+        table = (0.02 * torch.randn(169, heads, device=device, generator=gen)).to(dtype).requires_grad_()
         scale = D ** -0.5
         op = {
             "fused": fwd_grads(lambda: window_attention(qkv, table, rel, region, heads, scale), [qkv, table]),
@@ -243,12 +250,12 @@ def bench_window_attention(args, device: torch.device, meter: Meter) -> list[dic
         # the same kernel on the CPU's other instruction sets (avx2 next to avx512), timed in the same rounds
         by_isa = {f"fused_{isa}": with_cpu_isa(isa, op["fused"]) for isa in other_cpu_isas(device)}
         # the whole attention path of a block (roll/partition, qkv, attention, proj, reverse), ours vs timm's
-        x = torch.randn(args.batch, side, side, dim, device=device, generator=gen, requires_grad=True)
+        x = torch.randn(args.batch, side, side, dim, device=device, generator=gen).to(dtype).requires_grad_()
         blocks = {}
         for name in ("timm", "timm_sdpa", "ours_fused", "ours_reference"):
             torch.manual_seed(0)
             blk = SwinTransformerBlock(dim, (side, side), num_heads=heads, window_size=7,
-                                       shift_size=3 if shifted else 0, dynamic_mask=True).to(device)
+                                       shift_size=3 if shifted else 0, dynamic_mask=True).to(device, dtype)
             blk.attn.fused_attn = name == "timm_sdpa"
             if name.startswith("ours"):
                 install_window_attention(blk, fused=name == "ours_fused")
@@ -428,7 +435,7 @@ def run(args) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_model": cpu_model(),
         "cpu_isa": _ext.cpu_isa(),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "arch": args.arch, "dtype": args.dtype,
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "backends": {op: _ext.backend(op, torch.empty(1, device=device)) for op in _ext.OPS},
     }

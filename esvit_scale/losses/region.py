@@ -23,7 +23,7 @@ class RegionTerm(nn.Module):
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
-        self.weight, self.student_temp = cfg.pair_factor, cfg.student_temp
+        self.weight, self.student_temp = cfg.pair_factor * cfg.region_weight, cfg.student_temp
 
     def forward(self, student, teacher, targets, monitor: bool = False, geometry=None) -> tuple[torch.Tensor, dict]:
         """geometry (monitor steps): (crop boxes (B, n_crops, 6), crop sizes), for the correspondence readings."""
