@@ -90,3 +90,24 @@ def test_backbone_layer_norm_is_torchs_without_a_gpu_and_says_so(caplog):
             backbone = SwinBackbone(cfg.model, img_size=32, kernels=cfg.kernels, on_gpu=True)
         assert "torch LayerNorm (apex not importable)" in caplog.text
         assert any(type(m) is torch.nn.LayerNorm for m in backbone.modules())
+
+
+def test_the_region_head_has_its_own_batchnorm_switch_and_why():
+    """A batch-normalised head's output does not see how far apart its input tokens are (docs/training.md, "The region
+    term"): tokens drawn 100x closer together give outputs as far apart as before. A plain head's outputs draw together
+    with them."""
+    from esvit_scale.models.heads import ProjectionHead, TokenBatchNorm
+    cfg = load_config("configs/quickstart.yaml", ["model.head_batchnorm=true", "model.region_head_batchnorm=false"])
+    model = EsViT(cfg)
+    assert any(isinstance(m, TokenBatchNorm) for m in model.view_head.modules())
+    assert not any(isinstance(m, TokenBatchNorm) for m in model.region_head.modules())
+    follows = EsViT(load_config("configs/quickstart.yaml", ["model.head_batchnorm=true",
+                                                            "model.region_head_batchnorm=null"]))
+    assert any(isinstance(m, TokenBatchNorm) for m in follows.region_head.modules())
+
+    torch.manual_seed(0)
+    common, spread = torch.randn(1, 1, 32), torch.randn(4, 9, 32)
+    for batchnorm in (True, False):
+        head = ProjectionHead(32, 64, 48, 16, batchnorm=batchnorm)
+        apart, close = (head(common + s * spread).flatten(0, 1).std(0).mean() for s in (1.0, 0.01))
+        assert (abs(close / apart - 1) < 0.05) if batchnorm else (close < 0.05 * apart)
