@@ -211,7 +211,8 @@ class Trainer:
                 if state.batch_in_epoch % accum == 0:            # the first micro-batch of an optimizer step
                     skip = state.step + 1 in self.recovery.skipped
                     self.set_hyperparameters(state.epoch)
-                    self.parts.loss_fn.monitor = (state.step + 1) % self.cfg.run.log_every_steps == 0
+                    # every run.log_every_steps, and the first step of a run: the readings at initialisation
+                    self.parts.loss_fn.monitor = (state.step + 1) % self.cfg.run.log_every_steps == 0 or state.step == 0
                 boundary = (state.batch_in_epoch + 1) % accum == 0
                 if not skip:
                     losses, phases = self.train_step.run(crops, state.epoch, state.step, boundary,
