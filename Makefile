@@ -41,7 +41,7 @@ quickstart: $(VENV)/.installed-quick
 	$(PY) train.py --config configs/quickstart.yaml
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=30
 
 test-all: setup
 	$(PY) -m pytest -q

@@ -9,7 +9,12 @@ from conftest import PYTHON, read_losses, run_command, tiny_overrides, torchrun
 CONFIG = ["train.py", "--config", "configs/quickstart.yaml"]
 
 
-@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.slow), 2, 3])   # stage 1: as 2 for these states
+SLOW = pytest.mark.slow
+
+
+# stages 0 and 1 in the slow suite: test_checkpoints' z0_2to1 saves 2 ranks at stage 0 and resumes them, and stage 1
+# saves and loads these states as stage 2 does
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=SLOW), pytest.param(1, marks=SLOW), 2, 3])
 def test_zero_stage_saves_resumes_and_continues_with_the_same_losses(stage, image_folder, tmp_path):
     opts = {"deepspeed.zero_stage": stage, "run.max_steps": 4, "run.checkpoint_every_steps": 2,
             "run.keep_checkpoints": 5}
