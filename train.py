@@ -87,7 +87,6 @@ def config_error(e: ConfigError, rank: int, stop: StopRequest | None) -> int:
     return 2
 
 
-
 if __name__ == "__main__":
     code = main()
     import logging

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--data", choices=("synthetic", "loader"), default="synthetic")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as the trainer sets them, run.cpu_threads)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: as the trainer sets them, run.cpu_threads)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
 
 

@@ -7,7 +7,7 @@ the states that operations must survive. Without the variables every function he
     ESVIT_FAULT_SPIKE="STEP[:persistent][,...]"      the loss of every rank at that step is multiplied by 100
     ESVIT_FAULT_LOADER="LOADER[,...]"           that loader fails its start-up check (dali_gpu, dali_cpu; data/build.py)
     ESVIT_FAULT_KERNEL="OP[,...]"               that fused op's kernel returns wrong numbers (window_attention,
-                                                region_matching; read by esvit_scale/ops/_ext.py at configure)
+                                                region_matching; read by esvit_scale/ops/_ext.py's configure)
 
 Steps count optimizer steps from 1, as metrics.jsonl does. A fault fires once (a replay of the step after a rewind
 meets a healthy step: a transient fault), or with `persistent` at every pass through its step (a bad batch).
@@ -94,6 +94,11 @@ def corrupt_loss(loss, rank: int, step: int):
                     ", persistent" if persistent else "")
         return loss * SPIKE_FACTOR
     return loss
+
+
+def kernel_faults() -> set[str]:
+    """$ESVIT_FAULT_KERNEL: the fused ops ("window_attention", "region_matching") whose kernels are to be wrong."""
+    return {entry[0] for entry in _faults("ESVIT_FAULT_KERNEL")}
 
 
 def loader_faults() -> set[str]:

@@ -2,8 +2,8 @@
 
 DALI's stock CPU operators spend ~16 ms of CPU per image of 2 x 224 + 8 x 96 crops (the bicubic resize alone
 ~9 ms); the plugin does the same per-crop steps in one operator in ~3 ms (2026-11-23, git history of
-docs/benchmarks.md). It is compiled on first use against the installed DALI (its headers ship in the wheel and include CUDA's `cuda_runtime.h`, found
-in a CUDA toolkit or torch's nvidia wheels) with the system C++ compiler, and cached by source, DALI version and
+docs/benchmarks.md). It is compiled on first use against the installed DALI (its headers ship in the wheel and
+include CUDA's `cuda_runtime.h`, found in a CUDA toolkit or torch's nvidia wheels) with the system C++ compiler, and cached by source, DALI version and
 flags in `$ESVIT_DALI_PLUGIN_DIR` (default `~/.cache/esvit_scale/dali_plugin`). Where it cannot be built or
 loaded, `available()` says so once in the log and the pipeline uses the stock operators instead.
 `ESVIT_DALI_PLUGIN=0` turns it off.

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from esvit_scale.cluster import faults
+
 log = logging.getLogger("esvit_scale.ops")
 
 OPS = ("window_attention", "region_matching")
@@ -55,8 +57,7 @@ def configure(window_attention: bool = True, region_matching: bool = True, force
     _state["enabled"].update(window_attention=bool(window_attention), region_matching=bool(region_matching))
     _state["force_reference"] = bool(force_reference)
     _state["fallen_back"] = {}
-    # test-only fault (esvit_scale/cluster/faults.py): the kernels of these ops return wrong numbers
-    _state["corrupt"] = {op.strip() for op in os.environ.get("ESVIT_FAULT_KERNEL", "").split(",") if op.strip()}
+    _state["corrupt"] = faults.kernel_faults()      # test-only: the kernels of these ops return wrong numbers
     if _C is not None:
         set_cpu_isa(cpu_isa)
     _logged.clear()  # a new configuration is reported again
@@ -72,7 +73,8 @@ def cuda_arch_in_build(device: torch.device) -> tuple[bool, str]:
         return True, f"sm_{arch} is in the build ({', '.join(built)})"
     ptx = [int(b[3:]) for b in built if b.startswith("ptx") and int(b[3:]) <= arch]
     if ptx:
-        return True, f"sm_{arch} is not in the build ({', '.join(built)}): the driver JIT-compiles its compute_{max(ptx)} PTX"
+        return True, (f"sm_{arch} is not in the build ({', '.join(built)}): the driver JIT-compiles its "
+                      f"compute_{max(ptx)} PTX")
     return False, (f"sm_{arch} is not in the build ({', '.join(built) or 'no CUDA code'}): rebuild with "
                    f"TORCH_CUDA_ARCH_LIST including {major}.{minor} (setup.py)")
 

@@ -89,11 +89,9 @@ def _stage_sizes(backbone: nn.Module, crop: int) -> list[int]:
     """Side of the token map in each stage for a square crop (timm pads odd maps before merging)."""
     swin = backbone.swin
     side = -(-crop // swin.patch_embed.patch_size[0])
-    sides = []
-    for i, _ in enumerate(swin.layers):
-        if i > 0:
-            side = -(-side // 2)
-        sides.append(side)
+    sides = [side]
+    for _ in swin.layers[1:]:
+        sides.append(-(-sides[-1] // 2))
     return sides
 
 
