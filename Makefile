@@ -71,7 +71,10 @@ gpu-check-dry: setup
 
 # DeepSpeed and the dependencies the GPU machine lacks, as wheels for CPython 3.12 on x86_64 (~6 MB), for the device
 # tool to carry (build/ is ignored by git; carry: ["build/gpu_bundle"]); installed there offline into build/gpu_site.
-BUNDLE_DEPS := hjson msgpack py-cpuinfo pydantic pydantic-core annotated-types typing-inspection einops psutil nvidia-ml-py
+# a Python 3.12 to install the bundle into (PATH, else pyenv's); empty: skipped
+PY312 ?= $(shell for p in $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $$(command -v python3.12); do \
+	  $$p -c '' 2>/dev/null && echo $$p && break; done)
+BUNDLE_DEPS := typing-extensions hjson msgpack py-cpuinfo pydantic pydantic-core annotated-types typing-inspection einops psutil nvidia-ml-py
 BUNDLE_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any
 gpu-bundle: setup
@@ -81,6 +84,13 @@ gpu-bundle: setup
 	$(PY) -m pip download -q --no-deps $(BUNDLE_TAGS) -d build/gpu_bundle $(BUNDLE_DEPS)
 	rm -rf build/gpu_bundle_check && $(PY) -m pip install -q --no-index --find-links build/gpu_bundle \
 	  --target build/gpu_bundle_check $(BUNDLE_TAGS) --no-deps build/gpu_bundle/*.whl
+	@if [ -n "$(PY312)" ]; then \
+	  echo "offline install into a fresh Python 3.12 venv ($(PY312)), then import its compiled wheels"; \
+	  rm -rf build/gpu_bundle_py312 && $(PY312) -m venv build/gpu_bundle_py312 && \
+	  build/gpu_bundle_py312/bin/python -m pip install -q --no-index --no-deps build/gpu_bundle/*.whl && \
+	  build/gpu_bundle_py312/bin/python -c "import sys, pydantic, msgpack, psutil, hjson, cpuinfo, einops; \
+	    print('python', sys.version.split()[0], 'pydantic', pydantic.__version__, 'msgpack', msgpack.version)"; \
+	else echo "no python3.12 here: the bundle was only installed for 3.12 into a target folder"; fi
 	du -sh build/gpu_bundle
 
 # The code must also run on the GPU machine's older torch: a side venv with that torch and its torchvision over
