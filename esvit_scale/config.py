@@ -22,23 +22,11 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
-# Named Swin presets; `model.embed_dim/depths/num_heads/drop_path_rate` override them when set.
-ARCHS = {
-    "swin_nano": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0),
-    "swin_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.1),
-    "swin_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
-    "swin_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.2),
-    "swin_large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
-    # SwinV2-H's and SwinV2-G's widths and depths on the (V1) blocks above: ~0.65 B and ~3.0 B backbone parameters
-    "swin_huge": dict(embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88], drop_path_rate=0.2),
-    "swin_giant": dict(embed_dim=512, depths=[2, 2, 42, 4], num_heads=[16, 32, 64, 128], drop_path_rate=0.3),
-}
-
-
 @dataclass
 class ModelConfig:
-    arch: str = field(default="swin_tiny", metadata=_choices(*ARCHS))
-    # None: take the value of the `arch` preset (ARCHS).
+    # a backbone preset: swin_nano .. swin_giant (Swin V1), swinv2_nano .. swinv2_giant (Swin V2); models/registry.py
+    arch: str = "swin_tiny"
+    # None: take the value of the `arch` preset.
     embed_dim: Optional[int] = None
     depths: Optional[list[int]] = None
     num_heads: Optional[list[int]] = None
@@ -402,10 +390,17 @@ def validate(cfg: Config) -> None:
     need(bool(e.knn_k) and all(k >= 1 for k in e.knn_k), "eval.knn_k", f"must be a list of k >= 1, got {e.knn_k}")
 
 
+ARCH_KEYS = ("embed_dim", "depths", "num_heads", "drop_path_rate")
+
+
 def resolved_arch(m: ModelConfig) -> dict:
     """The `model.arch` preset with the explicitly set model.embed_dim/depths/num_heads/drop_path_rate applied."""
-    arch = dict(ARCHS[m.arch])
-    for key in arch:
+    from esvit_scale.models.registry import presets      # the families' modules (timm): only when asked
+    known = presets()
+    if m.arch not in known:
+        raise ConfigError(f"model.arch: {m.arch!r} is not allowed (choose one of: {', '.join(known)})")
+    arch = dict(known[m.arch])
+    for key in ARCH_KEYS:
         if getattr(m, key) is not None:
             arch[key] = getattr(m, key)
     return arch

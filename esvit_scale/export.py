@@ -3,11 +3,13 @@
     python -m esvit_scale.export RUN/checkpoints/<tag> OUT_DIR
 
 writes into OUT_DIR
-    backbone_timm.safetensors   the teacher's Swin backbone under timm's own key names (our window attention keeps
-                                timm's parameters: attn.qkv, attn.proj, attn.relative_position_bias_table)
+    backbone_timm.safetensors   the teacher's backbone under timm's own key names (the backbone says which timm model
+                                it is and how its names map: Backbone.timm_recipe / timm_state_dict)
     teacher.safetensors         the whole fp32 teacher (backbone + heads), our key names
     student.safetensors         the whole fp32 student, consolidated from any ZeRO stage and world size
     export.json                 the timm model name and arguments, the run's config, step and k-NN result
+A backbone that timm cannot rebuild (no timm equivalent, or timm's model would have other parameters) is refused
+with a message, before anything is written.
 Load the backbone with timm (no network: the weights come from the file):
     timm.create_model(j["timm_model"], pretrained=True,
                       pretrained_cfg_overlay=dict(file=".../backbone_timm.safetensors"),
@@ -16,6 +18,7 @@ Load the backbone with timm (no network: the weights come from the file):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -25,26 +28,28 @@ import torch
 from esvit_scale.checkpoint import CheckpointError, load_file
 from esvit_scale.checkpoint.restore import read_student_weights, read_teacher_weights, verified_marker
 from esvit_scale.config import config_from_dict
-from esvit_scale.config import resolved_arch
+from esvit_scale.models.backbone import ExportError, TimmRecipe
+from esvit_scale.models.registry import build_backbone
 
-BACKBONE_PREFIX = "backbone.swin."
-LAYER_NORM_EPS = 1e-6                     # SwinBackbone's norm layers
-TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
-              "swin_base": "swin_base_patch4_window7_224", "swin_large": "swin_large_patch4_window7_224"}
-
-
-def timm_recipe(cfg) -> tuple[str, dict]:
-    """(timm model name, keyword arguments) that build our backbone's architecture in timm."""
-    arch = resolved_arch(cfg.model)
-    kwargs = {"img_size": cfg.data.global_crops_size, "patch_size": cfg.model.patch_size,
-              "window_size": cfg.model.window_size, "embed_dim": arch["embed_dim"], "depths": list(arch["depths"]),
-              "num_heads": list(arch["num_heads"]), "num_classes": 0, "strict_img_size": False}
-    return TIMM_NAMES.get(cfg.model.arch, "swin_tiny_patch4_window7_224"), kwargs
-
-
-def timm_backbone_state(teacher_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(BACKBONE_PREFIX):]: v.float().contiguous() for k, v in teacher_state.items()
-            if k.startswith(BACKBONE_PREFIX)}
+def timm_export(cfg, teacher_state: dict[str, torch.Tensor]) -> tuple[TimmRecipe, dict[str, torch.Tensor]]:
+    """(how timm builds the backbone, the backbone's weights under timm's names), checked against the model timm
+    builds from that recipe (on the meta device: no memory): ExportError names what differs."""
+    import timm
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.model, img_size=cfg.data.global_crops_size, kernels=cfg.kernels)
+        recipe = backbone.timm_recipe()
+        theirs = timm.create_model(recipe.name, pretrained=False, **recipe.kwargs,
+                                   norm_layer=functools.partial(torch.nn.LayerNorm, eps=recipe.layer_norm_eps))
+    ours = backbone.timm_state_dict({k[len("backbone."):]: v.float().contiguous() for k, v in teacher_state.items()
+                                     if k.startswith("backbone.")})
+    expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    missing, extra = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
+    wrong = sorted(k for k in set(ours) & set(expected) if tuple(ours[k].shape) != expected[k])
+    if missing or extra or wrong:
+        raise ExportError(f"timm's {recipe.name} with {recipe.kwargs} is not this backbone ({cfg.model.arch}): "
+                          f"{len(missing)} parameters it has that ours lacks {missing[:3]}, {len(extra)} of ours it "
+                          f"lacks {extra[:3]}, {len(wrong)} of other shapes {wrong[:3]}")
+    return recipe, ours
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -57,15 +62,15 @@ def export(checkpoint: Path, out_dir: Path) -> dict:
     client = load_file(checkpoint / "client_state.pt")
     cfg = config_from_dict(client["config"])
     teacher = read_teacher_weights(checkpoint)
+    recipe, backbone_state = timm_export(cfg, teacher)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save(timm_backbone_state(teacher), out_dir / "backbone_timm.safetensors")
+    _save(backbone_state, out_dir / "backbone_timm.safetensors")
     _save(teacher, out_dir / "teacher.safetensors")
     _save(read_student_weights(checkpoint), out_dir / "student.safetensors")
-    name, kwargs = timm_recipe(cfg)
     summary_file = checkpoint.parents[1] / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     info = {"checkpoint": str(checkpoint), "step": marker["step"], "epoch": client["train_state"]["epoch"],
-            "timm_model": name, "timm_kwargs": kwargs, "layer_norm_eps": LAYER_NORM_EPS,
+            "timm_model": recipe.name, "timm_kwargs": recipe.kwargs, "layer_norm_eps": recipe.layer_norm_eps,
             "knn_top1_init": client["train_state"].get("knn_top1_init"),
             "knn_top1": summary.get("knn_top1_by_k") if summary.get("steps") == marker["step"] else None,
             "config": client["config"]}
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         info = export(args.checkpoint, args.out_dir)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: info[k] for k in ("checkpoint", "step", "timm_model", "knn_top1")}))

@@ -1,5 +1,5 @@
 """Benchmarks: `python -m esvit_scale.bench {kernels,loader,train,step,plan,checkpoint,scaling,allreduce,chaos,index,
-knn} --json PATH`.
+knn,depth} --json PATH`.
 
 Each subcommand lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
 """
@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "chaos": "esvit_scale.bench.chaos",       # a real job under random faults vs the same job without: exact recovery
     "index": "esvit_scale.bench.index",       # a folder index at ImageNet size: build time, memory loaded
     "knn": "esvit_scale.bench.knn",           # the distributed k-NN on a synthetic bank: seconds, memory per rank
+    "depth": "esvit_scale.bench.depth",       # Swin V1 vs V2 blocks at a large preset's depth: activation amplitudes
     "gpu_check": "esvit_scale.bench.gpu_check",     # everything GPU-related, one script (--dry: on the CPU, tiny)
 }
 

@@ -140,10 +140,10 @@ def _step_flops(cfg: Config, batch: int | None) -> StepFlops:
 
 def backbone_flops(cfg: Config, size: int) -> int:
     """FLOPs of the backbone's forward pass over one size x size image (Swin-T, 224: 2 x 4.5 G)."""
-    from esvit_scale.models.swin import SwinBackbone
+    from esvit_scale.models.registry import build_backbone
     meta = torch.device("meta")
     with meta:
-        backbone = SwinBackbone(cfg.model, img_size=size, kernels=cfg.kernels)
+        backbone = build_backbone(cfg.model, img_size=size, kernels=cfg.kernels)
     with counter() as c, torch.no_grad():
         backbone(torch.randn(1, 3, size, size, device=meta))
     return c.get_total_flops()

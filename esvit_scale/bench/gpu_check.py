@@ -8,9 +8,9 @@ Parts, in order (the GPU machine has torch, timm, pytest and nvcc but no network
   build        the extension built in place with its CUDA sources
   cuda_tests   tests/test_kernels_cuda.py
   kernels_*    bench kernels: the fused ops against their references and timm's (SDPA) attention, Swin-T and Swin-B
-               shapes, bf16
-  step_*       bench step of Swin-T (kernels on / off, compile on / off) and Swin-B (kernels on / off) at 224 + 96,
-               bf16, ZeRO-0, one GPU
+               shapes, and SwinV2-T's blocks against timm's SwinV2, bf16
+  step_*       bench step of Swin-T (kernels on / off, compile on / off), Swin-B and SwinV2-T (kernels on / off) at
+               224 + 96, bf16, ZeRO-0, one GPU
   train        train.py on the generated digits: a checkpoint, kill -9, the same command resumes and finishes
   knn          k-NN of that run's checkpoint (python -m esvit_scale.eval knn)
 Each part writes <out>/<part>.log (and its JSON where it has one); <out>/gpu_check.json has, per part, its status
@@ -72,7 +72,7 @@ def parts(dry: bool, out: Path) -> list[Part]:
         Part("cuda_tests", [PY, "-m", "pytest", "-q", "-m", "gpu", "-rs", "tests/test_kernels_cuda.py"], 600,
              in_dry_run=False),
     ]
-    for arch in ("swin_tiny", "swin_base"):
+    for arch in ("swin_tiny", "swin_base", "swinv2_tiny"):
         name = f"kernels_{arch}"
         if dry:
             cmd = [PY, "-m", "esvit_scale.bench", "kernels", "--device", "cpu", "--arch", arch, *tiny_kernels,
@@ -82,7 +82,8 @@ def parts(dry: bool, out: Path) -> list[Part]:
                    "--json", j(name)]
         result.append(Part(name, cmd, 600, json_out=j(name)))
     step_cases = [("swin_tiny", True, False), ("swin_tiny", False, False), ("swin_tiny", True, True),
-                  ("swin_tiny", False, True), ("swin_base", True, False), ("swin_base", False, False)]
+                  ("swin_tiny", False, True), ("swin_base", True, False), ("swin_base", False, False),
+                  ("swinv2_tiny", True, False), ("swinv2_tiny", False, False)]
     for arch, kernels, compiled in step_cases:
         name = f"step_{arch}_kernels_{'on' if kernels else 'off'}_compile_{'on' if compiled else 'off'}"
         config = ["--config", "configs/quickstart.yaml", *TINY] if dry else \

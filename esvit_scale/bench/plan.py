@@ -102,19 +102,20 @@ def _storage_bytes(out) -> int:
 
 def _largest_block_bytes(cfg: Config, batch: int, dtype: torch.dtype) -> int:
     """Saved tensors of the most expensive block at the global crop size (what one recomputation holds)."""
-    from esvit_scale.models.swin import SwinBackbone
+    from esvit_scale.models.registry import build_backbone
     meta = torch.device("meta")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, activation_checkpointing=False))
     with meta:
-        swin = SwinBackbone(cfg.model, img_size=cfg.data.global_crops_size, kernels=cfg.kernels).swin.to(dtype)
-    x = swin.patch_embed(torch.randn(2 * batch, 3, cfg.data.global_crops_size, cfg.data.global_crops_size,
-                                     device=meta, dtype=dtype))
+        backbone = build_backbone(cfg.model, img_size=cfg.data.global_crops_size, kernels=cfg.kernels).to(dtype)
+    blocks = {id(b) for stage in backbone.blocks_by_stage() for b in stage}
+    x = torch.randn(2 * batch, 3, cfg.data.global_crops_size, cfg.data.global_crops_size, device=meta, dtype=dtype)
     largest = 0
-    for stage in swin.layers:
-        x = stage.downsample(x)
-        for block in stage.blocks:
-            x, kept = saved_bytes(lambda: block(x.detach().requires_grad_()))
+    for module in backbone.modules_in_order():
+        if id(module) in blocks:
+            x, kept = saved_bytes(lambda: module(x.detach().requires_grad_()))
             largest = max(largest, kept)
+        else:
+            x = module(x)
     return largest
 
 

@@ -82,15 +82,15 @@ def model_init_context(cfg: Config, world_size: int, teacher: bool = False):
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
-    """Four groups: (decayed or not) x (last layer or not). Biases and 1-D parameters get no weight decay;
-    the heads' last layers are told apart so that they can be frozen in the first epoch(s)."""
+    """Four groups: (decayed or not, as the model says: EsViT.decays) x (last layer or not); the heads' last layers
+    are told apart so that they can be frozen in the first epoch(s)."""
     last = last_layer_parameter_names(model)
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         dims = len(getattr(p, "ds_shape", p.shape))      # built under zero.Init, p itself is an empty 1-D shard
-        decay = not (name.endswith(".bias") or dims <= 1 or name.endswith("weight_g"))
+        decay = model.decays(name, dims)
         groups.setdefault((decay, name in last), []).append(p)
     return [{"params": ps, "apply_weight_decay": decay, "is_last_layer": is_last, "weight_decay": 0.0}
             for (decay, is_last), ps in sorted(groups.items())]

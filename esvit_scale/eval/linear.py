@@ -28,16 +28,15 @@ from esvit_scale.eval.knn import extract_features
 log = logging.getLogger(__name__)
 
 
-def last_blocks(swin, n_last: int) -> list[nn.Module]:
-    """The last n_last transformer blocks of a timm SwinTransformer, across stages, in order."""
-    blocks = [block for stage in swin.layers for block in stage.blocks]
-    return blocks[-n_last:]
+def last_blocks(backbone, n_last: int) -> list[nn.Module]:
+    """The last n_last transformer blocks of the backbone, across stages, in order."""
+    return [block for stage in backbone.blocks_by_stage() for block in stage][-n_last:]
 
 
 def block_features_fn(backbone, n_last: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (B, 3, S, S) -> (B, sum of the blocks' widths): a forward of `backbone` (our SwinBackbone) with hooks that
+    """x (B, 3, S, S) -> (B, sum of the blocks' widths): a forward of `backbone` (models/backbone.py) with hooks that
     average each of the last blocks' output tokens."""
-    blocks = last_blocks(backbone.swin, n_last)
+    blocks = last_blocks(backbone, n_last)
 
     @torch.no_grad()
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""EsViT network: Swin backbone + view head + region head, run over a multi-crop batch.
+"""EsViT network: backbone (models/registry.py) + view head + region head, run over a multi-crop batch.
 
 The student sees every crop, the teacher the two global crops. Crops of one resolution are batched
 into one backbone pass, so any number of local-crop sizes works.
@@ -13,7 +13,7 @@ from torch import nn
 
 from esvit_scale.config import Config
 from esvit_scale.models.heads import ProjectionHead
-from esvit_scale.models.swin import SwinBackbone
+from esvit_scale.models.registry import build_backbone
 from esvit_scale.ops.region_matching import consumable_chunks
 
 
@@ -30,8 +30,8 @@ class EsViT(nn.Module):
         super().__init__()
         m = cfg.model
         on_gpu = torch.cuda.is_available() and cfg.run.device != "cpu"     # where the engine will put the model
-        self.backbone = SwinBackbone(m, img_size=cfg.data.global_crops_size,
-                                     drop_path_rate=0.0 if is_teacher else None, kernels=cfg.kernels, on_gpu=on_gpu)
+        self.backbone = build_backbone(m, img_size=cfg.data.global_crops_size,
+                                       drop_path_rate=0.0 if is_teacher else None, kernels=cfg.kernels, on_gpu=on_gpu)
         head = dict(in_dim=self.backbone.num_features, out_dim=m.out_dim, hidden_dim=m.head_hidden_dim,
                     bottleneck_dim=m.head_bottleneck_dim, norm_last_layer=m.norm_last_layer,
                     batchnorm=m.head_batchnorm)
@@ -52,6 +52,13 @@ class EsViT(nn.Module):
                 region_logits += consumable_chunks(self.region_head(region), n)
         return MultiCropOutput(view_logits, region_logits if self.region_head is not None else None,
                                region_features)
+
+    def decays(self, name: str, dims: int) -> bool:
+        """Whether parameter `name` gets weight decay: the backbone's rule for its own, else (the heads) weights of
+        two or more dimensions except the last layers' norms."""
+        if name.startswith("backbone."):
+            return self.backbone.decays(name[len("backbone."):], dims)
+        return dims > 1 and not name.endswith(".bias") and not name.endswith("weight_g")
 
     def compile_parts(self) -> None:
         """torch.compile the backbone and the heads in place (nn.Module.compile): parameter and state_dict names do not

@@ -22,7 +22,7 @@ from torch import nn
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference,
                                              region_argmax)
-from esvit_scale.ops.swin_attention import EsvitSwinBlock, window_layout
+from esvit_scale.ops.swin_attention import EsvitSwinBlock, EsvitSwinV2Block, window_layout
 from esvit_scale.ops.window_attention import window_attention, window_attention_reference
 
 log = logging.getLogger("esvit_scale.ops")
@@ -85,16 +85,6 @@ def _crop_sizes(cfg) -> list[int]:
     return sorted({cfg.data.global_crops_size, *cfg.data.local_crops_size}, reverse=True)
 
 
-def _stage_sizes(backbone: nn.Module, crop: int) -> list[int]:
-    """Side of the token map in each stage for a square crop (timm pads odd maps before merging)."""
-    swin = backbone.swin
-    side = -(-crop // swin.patch_embed.patch_size[0])
-    sides = [side]
-    for _ in swin.layers[1:]:
-        sides.append(-(-sides[-1] // 2))
-    return sides
-
-
 def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -111,13 +101,13 @@ def _error(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str)
 def _attention_cases(backbone: nn.Module, crops: list[int], device, dtype):
     """One case per distinct (window layout, heads, channels) over every block and crop size."""
     seen = set()
-    for stage, layer in enumerate(backbone.swin.layers):
-        for block in layer.blocks:
-            if not isinstance(block, EsvitSwinBlock):
+    for stage, blocks in enumerate(backbone.blocks_by_stage()):
+        for block in blocks:
+            if not isinstance(block, (EsvitSwinBlock, EsvitSwinV2Block)):
                 continue
             heads, dim = block.attn.num_heads, block.dim
             for crop in crops:
-                side = _stage_sizes(backbone, crop)[stage]
+                side = backbone.token_grid(crop)[stage]
                 key = (side, tuple(block.window_size), tuple(block.shift_size), heads, dim)
                 if key in seen:
                     continue
@@ -153,9 +143,9 @@ def _check_attention(block, side, window, shift, heads, dim, device, dtype) -> O
 
 def _region_cases(cfg, backbone: nn.Module, device, dtype):
     channels, prototypes = backbone.num_features, cfg.model.out_dim
-    teacher_side = _stage_sizes(backbone, cfg.data.global_crops_size)[-1]
+    teacher_side = backbone.token_grid(cfg.data.global_crops_size)[-1]
     for crop in _crop_sizes(cfg):
-        side = _stage_sizes(backbone, crop)[-1]
+        side = backbone.token_grid(crop)[-1]
         shapes = (f"student {crop} px crop: {side}x{side} tokens against 2 global crops of {teacher_side}x"
                   f"{teacher_side}, {channels} channels, K={prototypes}")
         yield shapes, lambda s=side * side, t=teacher_side ** 2: _check_region(s, t, channels, prototypes, cfg,

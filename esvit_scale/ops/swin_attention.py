@@ -1,4 +1,4 @@
-"""Our attention path for timm's Swin blocks: fused window attention, padded tokens masked.
+"""Our attention path for timm's Swin V1 and V2 blocks: fused window attention, padded tokens masked.
 
     install_window_attention(swin, fused=True)
 
@@ -7,14 +7,21 @@ the shift mask and the padding mask as a cached (nW, N) region table instead of 
 rebuilt by timm on every forward with strict_img_size=False) and every WindowAttention our forward. Parameters
 and state_dict keys stay timm's (attn.qkv, attn.proj, attn.relative_position_bias_table), so checkpoints load
 either way. fused=False runs the pure-PyTorch reference op on the same path: the same numbers, kernels or not.
+SwinV2's cosine attention is the same op around a normalisation: q and k L2-normalised, q times the head's clamped
+logit scale, the op's scale 1, and its bias table the continuous-position-bias MLP's 16 * sigmoid(...) output,
+computed once per forward (the op's table gradient flows back into the MLP).
 The parameters are used inside the modules' own forward calls, as DeepSpeed ZeRO-3's gather hooks require.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 
 from esvit_scale.ops.window_attention import window_attention
 
@@ -64,28 +71,58 @@ class EsvitWindowAttention(WindowAttention):
         return self.proj_drop(self.proj(out))
 
 
+class EsvitWindowAttentionV2(WindowAttentionV2):
+    """timm's SwinV2 WindowAttention (same parameters) with our op: x (B_, N, C), region (nW, N) -> (B_, N, C)."""
+    use_kernel: bool = True
+
+    def forward(self, x: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, -1).unbind(2)
+        logit_scale = self.logit_scale.clamp(max=math.log(100.0)).exp().view(self.num_heads, 1)   # timm's clamp
+        qkv = torch.stack((F.normalize(q, dim=-1) * logit_scale.to(q.dtype), F.normalize(k, dim=-1), v), dim=2)
+        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))   # (T, H)
+        out = window_attention(qkv.view(B_, N, 3 * C), table, self.relative_position_index, region, self.num_heads,
+                               1.0, use_kernel=self.use_kernel)
+        return self.proj_drop(self.proj(out))
+
+
+def _windowed_attention(block, x: torch.Tensor) -> torch.Tensor:
+    """The blocks' _attn: x (B, H, W, C) -> (B, H, W, C) through window_layout's gather and scatter."""
+    B, H, W, C = x.shape
+    gather, scatter, region = window_layout(H, W, tuple(block.window_size), tuple(block.shift_size), x.device)
+    tokens = torch.cat([x.reshape(B, H * W, C), x.new_zeros(B, 1, C)], dim=1)   # + one zero "pad" token
+    windows = tokens[:, gather].view(-1, block.window_area, C)                  # (B*nW, N, C)
+    out = block.attn(windows, region=region)                                    # (B*nW, N, C)
+    return out.view(B, -1, C)[:, scatter].view(B, H, W, C)
+
+
 class EsvitSwinBlock(SwinTransformerBlock):
     """timm's SwinTransformerBlock with the attention path of this module (forward/MLP unchanged)."""
+    _attn = _windowed_attention
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        gather, scatter, region = window_layout(H, W, tuple(self.window_size), tuple(self.shift_size), x.device)
-        tokens = torch.cat([x.reshape(B, H * W, C), x.new_zeros(B, 1, C)], dim=1)   # + one zero "pad" token
-        windows = tokens[:, gather].view(-1, self.window_area, C)               # (B*nW, N, C)
-        out = self.attn(windows, region=region)                                 # (B*nW, N, C)
-        return out.view(B, -1, C)[:, scatter].view(B, H, W, C)
+
+class EsvitSwinV2Block(SwinTransformerV2Block):
+    """timm's SwinTransformerV2Block (res-post-norm) with the attention path of this module."""
+    _attn = _windowed_attention
+
+
+OUR_CLASSES = {SwinTransformerBlock: (EsvitSwinBlock, EsvitWindowAttention),
+               SwinTransformerV2Block: (EsvitSwinV2Block, EsvitWindowAttentionV2)}
 
 
 def install_window_attention(swin: torch.nn.Module, fused: bool = True) -> int:
-    """Switch every Swin block of `swin` to our attention path; returns the number of blocks switched."""
+    """Switch every Swin V1 or V2 block of `swin` to our attention path; returns the number of blocks switched."""
     count = 0
     for module in swin.modules():
-        if isinstance(module, SwinTransformerBlock):
-            if getattr(module, "attn_drop_p", 0.0) or module.attn.attn_drop.p > 0:
-                raise ValueError("window attention kernels do not implement attention dropout")
-            module.__class__ = EsvitSwinBlock
-            module.attn.__class__ = EsvitWindowAttention
-            module.attn.use_kernel = bool(fused)
-            module.attn_mask = None  # timm's static (nW, N, N) mask is replaced by the region table
-            count += 1
+        for timm_block, (block_class, attention_class) in OUR_CLASSES.items():
+            if isinstance(module, timm_block):
+                if getattr(module, "attn_drop_p", 0.0) or module.attn.attn_drop.p > 0:
+                    raise ValueError("window attention kernels do not implement attention dropout")
+                module.__class__ = block_class
+                module.attn.__class__ = attention_class
+                module.attn.use_kernel = bool(fused)
+                module.attn_mask = None  # timm's static (nW, N, N) mask is replaced by the region table
+                count += 1
+                break
     return count
