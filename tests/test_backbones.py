@@ -127,13 +127,14 @@ V2_TRAIN = {"model.window_size": 4, "data.batch_size_per_gpu": 2, "run.max_steps
             "run.checkpoint_every_steps": 2, "run.keep_checkpoints": 5, "kernels.window_attention": "true"}
 
 
-@pytest.mark.parametrize("arch, ranks, stage", [("swinv2_base", 1, 0), ("swinv2_tiny", 2, 3)])
-def test_swinv2_trains_resumes_exactly_and_exports_to_timm(arch, ranks, stage, image_folder, tmp_path):
+@pytest.mark.parametrize("arch, ranks, stage, precision", [("swinv2_base", 1, 0, "fp32"), ("swinv2_tiny", 2, 3, "bf16")])
+def test_swinv2_trains_resumes_exactly_and_exports_to_timm(arch, ranks, stage, precision, image_folder, tmp_path):
     from safetensors.torch import load_file
 
     from esvit_scale.models.esvit import EsViT
     from esvit_scale.models.registry import build_backbone
-    opts = {**V2_TRAIN, "model.arch": arch, "deepspeed.zero_stage": stage, "model.drop_path_rate": 0.0}
+    opts = {**V2_TRAIN, "model.arch": arch, "deepspeed.zero_stage": stage, "model.drop_path_rate": 0.0,
+            "deepspeed.precision": precision}
     launch = (lambda args: torchrun(args, nproc=ranks, timeout=900)) if ranks > 1 else \
         (lambda args: run_command([PYTHON, *args], timeout=900))
     full, resumed = tmp_path / "full", tmp_path / "resumed"

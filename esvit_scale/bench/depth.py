@@ -4,9 +4,9 @@ outputs grow until training at H and G size becomes unstable; res-post-norm and 
 
     python -m esvit_scale.bench depth --data PATH --out runs/depth [--depth-of swin_huge] [--width 32] [--steps 300]
 
-For each family (swin_<size>, swinv2_<size>): `train.py` on the quickstart recipe (its learning rate: 1e-3 at the
-peak, as the paper's recipe at batch 512) in bf16 on the CPU, the depths of the preset, `--width` channels and
-32-wide heads, a checkpoint every `--every` steps. Each checkpoint's student then runs a fixed batch of the data's
+For each family (swin_<size>, swinv2_<size>): `train.py` on the quickstart recipe in bf16 on the CPU at the paper's
+peak learning rate (1e-3: its recipe at batch 512), the depths of the preset, `--width` channels and 32-wide heads,
+`--crop` / half of it px crops, a checkpoint every `--every` steps. Each checkpoint's student then runs a fixed batch of the data's
 images; the amplitude of a block is the mean |x| of its output tokens (the residual stream). Writes depth.json
 (amplitudes by step and block, max / min over the blocks, the losses, non-finite steps) and depth.png.
 """
@@ -25,6 +25,7 @@ import torch
 from esvit_scale.bench.report import cpu_model, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
+PEAK_LR = 1e-3          # the paper's recipe: base_lr 5e-4 per 256 images at batch 512
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=32, help="embed_dim (heads 32 wide)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50, help="steps between the measured checkpoints")
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
+    parser.add_argument("--crop", type=int, default=32, help="global crop px (local crops half of it)")
     parser.add_argument("--images", type=int, default=32, help="images of the measuring batch")
     parser.add_argument("--json", help="also write the result here")
 
@@ -44,9 +47,11 @@ def _overrides(args, arch: str, out: Path) -> list[str]:
     depths = resolved_arch(load_config(None, [f"model.arch={arch}"]).model)["depths"]
     heads = [max(1, args.width * 2 ** i // 32) for i in range(len(depths))]
     return [f"model.arch={arch}", f"model.embed_dim={args.width}", f"model.num_heads=[{','.join(map(str, heads))}]",
-            f"data.path={args.data}", "data.num_workers=1", "deepspeed.precision=bf16", f"run.output_dir={out}",
-            f"run.max_steps={args.steps}", f"run.checkpoint_every_steps={args.every}", "run.keep_checkpoints=1000",
-            "eval.knn_at_end=false", "eval.linear_at_end=false", "run.log_every_steps=10"]
+            f"data.path={args.data}", "data.num_workers=0", f"data.batch_size_per_gpu={args.batch}",
+            f"data.global_crops_size={args.crop}", f"data.local_crops_size=[{args.crop // 2}]",
+            f"optim.base_lr={PEAK_LR * 256 / args.batch}", "optim.warmup_epochs=1", "deepspeed.precision=bf16",
+            f"run.output_dir={out}", f"run.max_steps={args.steps}", f"run.checkpoint_every_steps={args.every}",
+            "run.keep_checkpoints=1000", "eval.knn_at_end=false", "eval.linear_at_end=false", "run.log_every_steps=10"]
 
 
 def _train(args, arch: str, out: Path) -> None:
@@ -156,7 +161,7 @@ def run(args) -> dict:
         if not (run_dir / "metrics.jsonl").is_file():
             _train(args, arch, run_dir)
         if images is None:
-            images = _images(args, load_config(ROOT / "configs/quickstart.yaml").data.global_crops_size)
+            images = _images(args, args.crop)
         result["runs"][label] = {"arch": arch, **_measure(run_dir, images)}
         r = result["runs"][label]
         last = r["by_step"][max(r["by_step"])]

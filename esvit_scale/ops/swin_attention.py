@@ -77,11 +77,14 @@ class EsvitWindowAttentionV2(WindowAttentionV2):
 
     def forward(self, x: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, C = x.shape
-        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        # timm's float buffers (k_bias, relative_coords_table) in the parameters' dtype: DeepSpeed's bf16 / fp16
+        # casts the parameters only
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias.to(self.q_bias.dtype), self.v_bias))
         q, k, v = F.linear(x, self.qkv.weight, bias).view(B_, N, 3, self.num_heads, -1).unbind(2)
         logit_scale = self.logit_scale.clamp(max=math.log(100.0)).exp().view(self.num_heads, 1)   # timm's clamp
         qkv = torch.stack((F.normalize(q, dim=-1) * logit_scale.to(q.dtype), F.normalize(k, dim=-1), v), dim=2)
-        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))   # (T, H)
+        coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)
+        table = 16 * torch.sigmoid(self.cpb_mlp(coords).view(-1, self.num_heads))                        # (T, H)
         out = window_attention(qkv.view(B_, N, 3 * C), table, self.relative_position_index, region, self.num_heads,
                                1.0, use_kernel=self.use_kernel)
         return self.proj_drop(self.proj(out))
