@@ -8,20 +8,14 @@ from __future__ import annotations
 import timm
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
+from esvit_scale.models.swin import PRESETS as V1_PRESETS
 from esvit_scale.models.swin import SwinBackbone
 
-# The V1 presets' widths, depths and (EsViT's) drop-path rates on V2 blocks (the SwinV2 paper's T/S/B/L, and its H
-# and G: ~0.66 B and ~3.0 B backbone parameters). Without the extra main-branch LayerNorm every 6 blocks that the paper adds to H and G:
-# timm's SwinTransformerV2 has none, and the export must stay loadable by timm.
-PRESETS = {
-    "swinv2_nano": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], drop_path_rate=0.0),
-    "swinv2_tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.1),
-    "swinv2_small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.2),
-    "swinv2_base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], drop_path_rate=0.2),
-    "swinv2_large": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], drop_path_rate=0.2),
-    "swinv2_huge": dict(embed_dim=352, depths=[2, 2, 18, 2], num_heads=[11, 22, 44, 88], drop_path_rate=0.2),
-    "swinv2_giant": dict(embed_dim=512, depths=[2, 2, 42, 4], num_heads=[16, 32, 64, 128], drop_path_rate=0.3),
-}
+# The V1 presets' widths, depths and (EsViT's) drop-path rates on V2 blocks: swinv2_nano ... swinv2_giant (the SwinV2
+# paper's T/S/B/L, and its H and G: ~0.66 B and ~3.0 B backbone parameters). Without the extra main-branch LayerNorm
+# every 6 blocks that the paper adds to H and G: timm's SwinTransformerV2 has none, and the export must stay loadable
+# by timm.
+PRESETS = {"swinv2_" + name[len("swin_"):]: dict(preset) for name, preset in V1_PRESETS.items()}
 
 
 class SwinV2Backbone(SwinBackbone):
