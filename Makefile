@@ -12,12 +12,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(VENV)/.installed
 
-# torch first (the pinned CUDA 13 build), then the rest.
-$(VENV)/.deps: setup.py
+# torch first (the pinned CUDA 13 build), then what a run needs; the rest (DALI's ~0.5 GB, the photographs' and the
+# plots' packages, pytest) only for everything but the quickstart, which trains on the digits with the torch loader.
+$(VENV)/.deps-run: setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q timm pyyaml tensorboard deepspeed nvidia-dali-cuda130 scikit-learn scikit-image matplotlib pytest ninja
+	$(PY) -m pip install -q timm pyyaml tensorboard deepspeed scikit-learn ninja
+	@touch $@
+
+$(VENV)/.deps: $(VENV)/.deps-run
+	$(PY) -m pip install -q nvidia-dali-cuda130 scikit-image matplotlib pytest
 	@touch $@
 
 # Then this package, which compiles kernels/ (with its CUDA sources wherever nvcc is: the tests build them).
@@ -27,7 +32,7 @@ $(VENV)/.installed: $(VENV)/.deps $(KERNEL_SOURCES)
 
 # The quickstart on a machine without a GPU needs the CPU kernels only: it skips the CUDA build (~3 min of a 2-core
 # machine), unless a full build is already in place.
-$(VENV)/.installed-quick: $(VENV)/.deps $(KERNEL_SOURCES)
+$(VENV)/.installed-quick: $(VENV)/.deps-run $(KERNEL_SOURCES)
 	@if [ -f $(VENV)/.installed ] && [ -z "$$(find $(KERNEL_SOURCES) setup.py -newer $(VENV)/.installed)" ]; then \
 	  echo "using the full build"; \
 	elif command -v nvidia-smi > /dev/null; then \

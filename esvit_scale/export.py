@@ -31,6 +31,7 @@ from esvit_scale.config import config_from_dict
 from esvit_scale.models.backbone import ExportError, TimmRecipe
 from esvit_scale.models.registry import build_backbone
 
+
 def timm_export(cfg, teacher_state: dict[str, torch.Tensor]) -> tuple[TimmRecipe, dict[str, torch.Tensor]]:
     """(how timm builds the backbone, the backbone's weights under timm's names), checked against the model timm
     builds from that recipe (on the meta device: no memory): ExportError names what differs."""

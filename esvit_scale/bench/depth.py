@@ -7,8 +7,9 @@ outputs grow until training at H and G size becomes unstable; res-post-norm and 
 For each family (swin_<size>, swinv2_<size>): `train.py` on the quickstart recipe in bf16 on the CPU at the paper's
 peak learning rate (1e-3: its recipe at batch 512), the depths of the preset, `--width` channels and 32-wide heads,
 `--crop` / half of it px crops, a checkpoint every `--every` steps. Each checkpoint's student then runs a fixed batch of the data's
-images; the amplitude of a block is the mean |x| of its output tokens (the residual stream). Writes depth.json
-(amplitudes by step and block, max / min over the blocks, the losses, non-finite steps) and depth.png.
+images; the amplitude of a block is the mean |x| of its output tokens (the residual stream; also their largest |x|).
+Writes depth.json (amplitudes by step and block, max / min over the blocks, the losses, non-finite steps) and
+depth.png. A family whose run exists in --out is measured again, not retrained.
 """
 from __future__ import annotations
 
@@ -78,18 +79,22 @@ def _images(args, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def amplitudes(model, images: torch.Tensor) -> list[float]:
-    """Mean |x| of each block's output tokens, in forward order."""
-    found: list[float] = []
+def amplitudes(model, images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """(mean |x|, max |x|) of each block's output tokens, in forward order."""
+    mean: list[float] = []
+    peak: list[float] = []
+
+    def record(module, inputs, out):
+        mean.append(float(out.float().abs().mean()))
+        peak.append(float(out.float().abs().max()))
     blocks = [b for stage in model.backbone.blocks_by_stage() for b in stage]
-    hooks = [b.register_forward_hook(lambda m, i, out: found.append(float(out.float().abs().mean())))
-             for b in blocks]
+    hooks = [b.register_forward_hook(record) for b in blocks]
     try:
         model.backbone(images)
     finally:
         for h in hooks:
             h.remove()
-    return found
+    return mean, peak
 
 
 def _measure(run: Path, images: torch.Tensor) -> dict:
@@ -108,10 +113,11 @@ def _measure(run: Path, images: torch.Tensor) -> dict:
         model = EsViT(cfg).eval()
         if ckpt is not None:
             model.load_state_dict(read_student_weights(ckpt), strict=True)
-        amps = amplitudes(model, images)
+        amps, peaks = amplitudes(model, images)
         by_step[0 if ckpt is None else int(ckpt.name[len("step"):])] = {
             "amplitude": [round(a, 5) for a in amps], "max_over_min": round(max(amps) / min(amps), 2),
-            "finite": all(math.isfinite(a) for a in amps)}
+            "peak": [round(a, 4) for a in peaks], "peak_max_over_min": round(max(peaks) / min(peaks), 2),
+            "finite": all(math.isfinite(a) for a in amps + peaks)}
     losses = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -125,7 +131,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax_blocks, ax_ratio) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_blocks, ax_ratio, ax_loss) = plt.subplots(1, 3, figsize=(18, 4.8))
     colours = {"V1": "tab:red", "V2": "tab:blue"}
     for label, run in result["runs"].items():
         steps = sorted(run["by_step"], key=int)
@@ -135,12 +141,17 @@ def plot(result: dict, path: Path) -> None:
         ax_blocks.plot(range(1, len(last["amplitude"]) + 1), last["amplitude"], "-", marker=".",
                        color=colours[label], label=f"{label} after {steps[-1]} steps")
         ax_ratio.plot([int(s) for s in steps], [run["by_step"][s]["max_over_min"] for s in steps], "-o",
-                      color=colours[label], label=label)
+                      color=colours[label], label=f"{label}, mean |x|")
+        ax_ratio.plot([int(s) for s in steps], [run["by_step"][s]["peak_max_over_min"] for s in steps], "--s",
+                      color=colours[label], label=f"{label}, max |x|")
+        losses = sorted((int(k), v) for k, v in run["losses"].items())
+        ax_loss.plot([k for k, _ in losses], [v for _, v in losses], color=colours[label], lw=0.8, label=label)
     ax_blocks.set(yscale="log", xlabel="block (forward order)", ylabel="mean |activation| of the block's output",
                   title=f"{result['depth_of']} depths {result['depths']}, {result['width']} channels, bf16")
     ax_ratio.set(yscale="log", xlabel="training step", ylabel="max / min amplitude over the blocks",
                  title="spread of the amplitudes over depth")
-    for ax in (ax_blocks, ax_ratio):
+    ax_loss.set(xlabel="training step", ylabel="loss (view + region)", title="training loss")
+    for ax in (ax_blocks, ax_ratio, ax_loss):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -406,7 +406,7 @@ def _print_window_attention(report: dict) -> None:
         print(f"{r['stage_map'][0]:>4}x{r['stage_map'][1]:<2} {r['heads']:>5} {m['fused']:>8.1f} "
               f"{m['reference']:>8.1f} {r['speedup_vs_reference']:>5.2f} {r['fused_matmul_gflops_per_s']:>7.1f} | "
               f"{m['block_ours_fused']:>8.1f} "
-              f"{m['block_ours_reference']:>8.1f} {m['block_timm']:>8.1f} {m['block_timm_sdpa']:>8.1f} | "
+              f"{m['block_ours_reference']:>8.1f} {m['block_timm']:>8.1f} {m.get('block_timm_sdpa', float('nan')):>8.1f} | "
               f"{p['fused'] or float('nan'):>9.1f} {p['reference'] or float('nan'):>8.1f}")
         for isa, x in r.get("speedup_vs_reference_by_isa", {}).items():
             if isa != report["cpu_isa"]:
