@@ -1,6 +1,7 @@
 """Backbone families (models/registry.py): every shipped config builds and its backbone round-trips through timm;
 our SwinV2 attention path (fused op or reference) equals timm's SwinV2 forward and backward; SwinV2 tiny and base
-train on 1 and 2 ranks at ZeRO 0 and 3, resume exactly and export to a strict timm load with equal features."""
+train on 1 and 2 ranks at ZeRO 0 and 3, resume exactly, give the same losses with the kernel and the reference, and
+export to a strict timm load with equal features."""
 import functools
 import json
 import shutil
@@ -144,6 +145,12 @@ def test_swinv2_trains_resumes_exactly_and_exports_to_timm(arch, ranks, stage, p
     shutil.copytree(full / "checkpoints" / "step000000002", resumed / "checkpoints" / "step000000002")
     launch(["train.py", "--config", "configs/quickstart.yaml", *tiny_overrides(image_folder, resumed, **opts)])
     assert read_losses(resumed)[3] == pytest.approx(uninterrupted[3], rel=1e-6, abs=1e-7)
+    if stage == 0:                # the reference attention instead of the kernel: the same losses
+        reference = tmp_path / "reference"
+        launch(["train.py", "--config", "configs/quickstart.yaml", *tiny_overrides(
+            image_folder, reference, **{**opts, "kernels.window_attention": "false", "run.checkpoint_every_steps": 0})])
+        for step, loss in read_losses(reference).items():
+            assert loss == pytest.approx(uninterrupted[step], rel=1e-5), (step, loss, uninterrupted)
 
     out = tmp_path / "export"
     run_command([PYTHON, "-m", "esvit_scale.export", str(full / "checkpoints" / "step000000003"), str(out)])
