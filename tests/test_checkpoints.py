@@ -178,7 +178,7 @@ def case(name, stages, ranks, zero_init=False, slow=False):
 @pytest.mark.parametrize("stages, ranks, zero_init", [
     case("z0_2to1", (0, 0), (2, 1)), case("z0_1to2", (0, 0), (1, 2), slow=True),
     case("z2_2to1", (2, 2), (2, 1), slow=True), case("z2_1to2", (2, 2), (1, 2), slow=True),
-    case("z3_2to1", (3, 3), (2, 1), slow=True), case("z3_1to2", (3, 3), (1, 2)), case("z2to3_2ranks", (2, 3), (2, 2)),
+    case("z3_2to1", (3, 3), (2, 1), slow=True), case("z3_1to2", (3, 3), (1, 2)), case("z2to3_2ranks", (2, 3), (2, 2), slow=True),
     case("z3to2_2to1", (3, 2), (2, 1), slow=True),
     case("z3to2_2to1_zero_init", (3, 2), (2, 1), zero_init=True)])          # built partitioned by zero.Init
 def test_resume_on_another_world_size_or_stage_gives_the_losses_of_the_same_global_batch(stages, ranks, image_folder,
