@@ -43,9 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the result here")
 
 
+def _depths(arch: str) -> list[int]:
+    from esvit_scale.models.registry import presets
+    return presets()[arch]["depths"]
+
+
 def _overrides(args, arch: str, out: Path) -> list[str]:
-    from esvit_scale.config import resolved_arch, load_config
-    depths = resolved_arch(load_config(None, [f"model.arch={arch}"]).model)["depths"]
+    depths = _depths(arch)
     heads = [max(1, args.width * 2 ** i // 32) for i in range(len(depths))]
     return [f"model.arch={arch}", f"model.embed_dim={args.width}", f"model.num_heads=[{','.join(map(str, heads))}]",
             f"data.path={args.data}", "data.num_workers=0", f"data.batch_size_per_gpu={args.batch}",
@@ -104,11 +108,10 @@ def _measure(run: Path, images: torch.Tensor) -> dict:
     from esvit_scale.config import config_from_dict
     from esvit_scale.models.esvit import EsViT
     checkpoints = sorted((run / "checkpoints").glob("step*"))
+    cfg = config_from_dict(load_file(checkpoints[0] / "client_state.pt")["config"])
+    ops.configure(cfg.kernels)
     by_step = {}
-    for i, ckpt in enumerate([None, *checkpoints]):
-        client = load_file((ckpt or checkpoints[0]) / "client_state.pt")
-        cfg = config_from_dict(client["config"])
-        ops.configure(cfg.kernels)
+    for ckpt in [None, *checkpoints]:
         torch.manual_seed(cfg.run.seed)
         model = EsViT(cfg).eval()
         if ckpt is not None:
@@ -159,13 +162,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run(args) -> dict:
-    from esvit_scale.config import load_config, resolved_arch
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = args.depth_of.split("_", 1)[1]
     result = {"command": " ".join(["python -m esvit_scale.bench depth", *sys.argv[2:]]), "cpu": cpu_model(),
               "depth_of": args.depth_of, "width": args.width, "steps": args.steps,
-              "depths": resolved_arch(load_config(None, [f"model.arch={args.depth_of}"]).model)["depths"], "runs": {}}
+              "depths": _depths(args.depth_of), "runs": {}}
     images = None
     for label, arch in (("V1", f"swin_{size}"), ("V2", f"swinv2_{size}")):
         run_dir = out / arch

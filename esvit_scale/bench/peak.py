@@ -76,5 +76,5 @@ def device_peak(device: torch.device, precision: str) -> dict:
                 "source": f"measured 2048^3 {precision} matmul (not in the datasheet table)"}
     size = matmul_size(device, precision)
     from esvit_scale.bench.report import cpu_model
-    return {"peak_flops": measured_matmul_flops(device, precision), "device_name": cpu_model(),
+    return {"peak_flops": measured_matmul_flops(device, precision, size), "device_name": cpu_model(),
             "source": f"measured {size}^3 {precision} matmul, {torch.get_num_threads()} threads"}

@@ -22,7 +22,7 @@ from torch import nn
 from esvit_scale.ops import _ext
 from esvit_scale.ops.region_matching import (matched_soft_cross_entropy_sum, matched_soft_cross_entropy_sum_reference,
                                              region_argmax)
-from esvit_scale.ops.swin_attention import EsvitSwinBlock, EsvitSwinV2Block, window_layout
+from esvit_scale.ops.swin_attention import OUR_BLOCKS, window_layout
 from esvit_scale.ops.window_attention import window_attention, window_attention_reference
 
 log = logging.getLogger("esvit_scale.ops")
@@ -103,7 +103,7 @@ def _attention_cases(backbone: nn.Module, crops: list[int], device, dtype):
     seen = set()
     for stage, blocks in enumerate(backbone.blocks_by_stage()):
         for block in blocks:
-            if not isinstance(block, (EsvitSwinBlock, EsvitSwinV2Block)):
+            if not isinstance(block, OUR_BLOCKS):
                 continue
             heads, dim = block.attn.num_heads, block.dim
             for crop in crops:

@@ -112,20 +112,20 @@ class EsvitSwinV2Block(SwinTransformerV2Block):
 
 OUR_CLASSES = {SwinTransformerBlock: (EsvitSwinBlock, EsvitWindowAttention),
                SwinTransformerV2Block: (EsvitSwinV2Block, EsvitWindowAttentionV2)}
+OUR_BLOCKS = tuple(block for block, _ in OUR_CLASSES.values())
 
 
 def install_window_attention(swin: torch.nn.Module, fused: bool = True) -> int:
     """Switch every Swin V1 or V2 block of `swin` to our attention path; returns the number of blocks switched."""
     count = 0
     for module in swin.modules():
-        for timm_block, (block_class, attention_class) in OUR_CLASSES.items():
-            if isinstance(module, timm_block):
-                if getattr(module, "attn_drop_p", 0.0) or module.attn.attn_drop.p > 0:
-                    raise ValueError("window attention kernels do not implement attention dropout")
-                module.__class__ = block_class
-                module.attn.__class__ = attention_class
-                module.attn.use_kernel = bool(fused)
-                module.attn_mask = None  # timm's static (nW, N, N) mask is replaced by the region table
-                count += 1
-                break
+        ours = next((classes for timm_block, classes in OUR_CLASSES.items() if isinstance(module, timm_block)), None)
+        if ours is None:
+            continue
+        if getattr(module, "attn_drop_p", 0.0) or module.attn.attn_drop.p > 0:
+            raise ValueError("window attention kernels do not implement attention dropout")
+        module.__class__, module.attn.__class__ = ours
+        module.attn.use_kernel = bool(fused)
+        module.attn_mask = None  # timm's static (nW, N, N) mask is replaced by the region table
+        count += 1
     return count
